@@ -1,0 +1,31 @@
+# The single entry point for people, the README and CI.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+PORT ?= 8000
+
+.PHONY: test run bench bench-load lint clean test-real
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check server agent tests bench
+
+run: $(STAMP)
+	$(PY) -m agent.devrun --port $(PORT) $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) var build *.egg-info .pytest_cache

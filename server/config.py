@@ -1,0 +1,105 @@
+"""Every server setting, declared once: name, default, type and one line of help.
+
+Layering (lowest first): these defaults, then ``ORCH_<NAME>`` environment
+variables, then the mapping passed to ``create_app``.  The README's
+configuration table is generated from ``SETTINGS`` and a test keeps it true.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+ENV_PREFIX = "ORCH_"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _notifier(value: str) -> str:
+    if value not in ("condition", "poll"):
+        raise ValueError("must be 'condition' or 'poll'")
+    return value
+
+
+def _keys(value: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in value.split(",") if k.strip())
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("DATABASE", "var/orchestrator.db", "Path of the SQLite database file."),
+    Setting("MAX_BODY_BYTES", 1024 * 1024, "Largest accepted request body; larger ones get 413.", int),
+    Setting("ADMIN_TOKEN", "", "Bearer token for admin endpoints (`/api/v1/agents`, status); empty = open.", str),
+    Setting("API_KEYS", (), "Comma-separated API keys; when set, user endpoints need `Authorization: Bearer <key>`.", _keys),
+    Setting("SIGNATURE_SKEW", 60.0, "Seconds an agent's `X-Agent-Timestamp` may differ from the server clock.", float),
+    Setting("LEASE_SECONDS", 30.0, "A running job's lease; every POST from its agent renews it.", float),
+    Setting("DELIVERY_LEASE_SECONDS", 5.0, "How long a handed-out job waits for its agent's first POST before it is requeued.", float),
+    Setting("MAX_ATTEMPTS", 3, "Times a job may be handed out before it fails.", int),
+    Setting("MAX_LONG_POLL", 30.0, "Upper bound on the `wait` parameter of a long poll, in seconds.", float),
+    Setting("AGENT_ONLINE_SECONDS", 60.0, "An agent that polled or posted within this window counts as online.", float),
+    Setting("QUEUE_TIMEOUT", 120.0, "A chat no agent took within this many seconds fails with `queue_timeout`.", float),
+    Setting("KEEPALIVE_SECONDS", 15.0, "Interval of `: keepalive` comments on an idle stream.", float),
+    Setting("CANCEL_GRACE", 5.0, "Seconds after a client leaves before its request is cancelled (0 = at once).", float),
+    Setting("NOTIFIER", "condition", "`condition` (in-process notifier) or `poll` (legacy 100 ms database poll).", _notifier),
+    Setting("POLL_INTERVAL", 0.1, "Database poll interval of the legacy `poll` notifier, in seconds.", float),
+    Setting("SWEEP_INTERVAL", 1.0, "Seconds between sweeps for expired leases, queue timeouts and cancellations.", float),
+    Setting("MIGRATE_ON_START", True, "Apply pending migrations when the app starts.", _bool),
+    Setting("LOG_LEVEL", "INFO", "Python logging level of the server.", str),
+)
+
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+class ConfigError(ValueError):
+    """A setting could not be parsed; the message names the variable."""
+
+
+def load_config(overrides: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Defaults, then ``ORCH_*`` variables, then ``overrides``."""
+    environ = os.environ if environ is None else environ
+    config = dict(DEFAULTS)
+    for setting in SETTINGS:
+        raw = environ.get(ENV_PREFIX + setting.name)
+        if raw is None:
+            continue
+        try:
+            config[setting.name] = setting.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_PREFIX}{setting.name}={raw!r}: {exc}") from None
+    for name, value in (overrides or {}).items():
+        if name in _BY_NAME and isinstance(value, str) and _BY_NAME[name].parse is not str:
+            try:
+                value = _BY_NAME[name].parse(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}={value!r}: {exc}") from None
+        config[name] = value
+    return config
+
+
+def markdown_table() -> str:
+    """The README's configuration table."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for s in SETTINGS:
+        default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
+        rows.append(f"| `{ENV_PREFIX}{s.name}` | `{default}` | {s.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

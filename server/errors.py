@@ -1,0 +1,102 @@
+"""The one error envelope: ``{"error": {"code": ..., "message": ...}}``.
+
+Views raise an ``ApiError`` subclass; ``init_app`` registers the handlers
+that render it, and turns Werkzeug's own HTTP errors (404, 405, 413, ...)
+into the same envelope so an API client never gets an HTML page.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error the client caused or must be told about, with its HTTP status."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.extra = extra or {}
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class Gone(ApiError):
+    status, code = 410, "gone"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+# Werkzeug's names, snake_cased, become the envelope's codes.
+def _code_for(exc: HTTPException) -> str:
+    return (exc.name or "error").lower().replace(" ", "_").replace("-", "_")
+
+
+def render(exc: ApiError):
+    response = jsonify(exc.envelope())
+    response.status_code = exc.status
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Render every API error, ours and Werkzeug's, as the JSON envelope."""
+    app.register_error_handler(ApiError, render)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        error = ApiError(exc.description or exc.name, code=_code_for(exc), status=exc.code or 500)
+        response = render(error)
+        if exc.code == 405 and exc.response is None:
+            allowed = getattr(exc, "valid_methods", None)
+            if allowed:
+                response.headers["Allow"] = ", ".join(allowed)
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        # Only truly unexpected errors reach here (HTTPException has its own
+        # handler above); log the traceback and give the client the envelope.
+        log.error("unhandled error: %s", exc, exc_info=True)
+        return render(ApiError("internal server error", code="internal_error", status=500))

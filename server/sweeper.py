@@ -1,0 +1,67 @@
+"""A background loop that expires leases, times out the queue and cancels abandoned requests.
+
+It is the only periodic database work, and it runs once a second, not once
+per waiting stream: the hot path (chunk POSTs, streams) never scans.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from . import db as database
+from . import jobs
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+log = logging.getLogger(__name__)
+
+
+class Sweeper:
+    """Runs ``sweep`` every ``SWEEP_INTERVAL`` seconds until ``stop``."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.listeners: list = []   # callables(list[jobs.Expired]), e.g. metrics
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="orchestrator-sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        conn = database.connect(self.app.config["DATABASE"])
+        try:
+            while not self._stop.wait(self.app.config["SWEEP_INTERVAL"]):
+                try:
+                    self.sweep(conn)
+                except Exception:
+                    # A locked or broken database must not kill the sweeper;
+                    # log it and try again next round.
+                    log.error("sweep failed; retrying next interval", exc_info=True)
+        finally:
+            conn.conn.close()
+
+    def sweep(self, conn, now: float | None = None) -> list[jobs.Expired]:
+        """One round; returns what changed (and notifies its waiters)."""
+        now = time.time() if now is None else now
+        cfg = self.app.config
+        changed = jobs.expire_leases(conn, now, cfg["MAX_ATTEMPTS"])
+        changed += jobs.expire_queue(conn, now, cfg["QUEUE_TIMEOUT"])
+        changed += jobs.cancel_abandoned(conn, now, cfg["CANCEL_GRACE"])
+        notifier = self.app.extensions["notifier"]
+        for item in changed:
+            notifier.notify("req:" + item.id)
+            if item.outcome == "requeued":
+                notifier.notify("jobs:" + item.model, wake=1)
+            log.info("request %s %s", item.id, item.outcome)
+        notifier.prune()
+        for listener in self.listeners:
+            listener(changed)
+        return changed
