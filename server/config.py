@@ -97,7 +97,8 @@ def markdown_table() -> str:
     rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
     for s in SETTINGS:
         default = ",".join(s.default) if isinstance(s.default, tuple) else s.default
-        rows.append(f"| `{ENV_PREFIX}{s.name}` | `{default}` | {s.help} |")
+        shown = f"`{default}`" if default != "" else "(empty)"
+        rows.append(f"| `{ENV_PREFIX}{s.name}` | {shown} | {s.help} |")
     return "\n".join(rows)
 
 
