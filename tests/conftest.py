@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import requests
@@ -198,20 +199,24 @@ class Simulator:
 
 
 def start_simulator(tmp_path: Path, *args: str) -> Simulator:
-    """The Ollama simulator as a subprocess; waits for its listening line."""
+    """The Ollama simulator as a subprocess; waits (with a deadline) for its listening line."""
     emit_log = tmp_path / f"sim-emit-{time.monotonic_ns()}.jsonl"
     proc = subprocess.Popen([sys.executable, "-u", "-m", "agent.simulator", "--port", "0",
                              "--emit-log", str(emit_log), *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not selector.select(remaining):
+            break
         line = proc.stdout.readline()
         if not line:
             break
         if "listening on " in line:
             return Simulator(proc, line.rsplit("listening on ", 1)[1].strip(), emit_log)
     proc.kill()
-    raise AssertionError("the simulator did not start")
+    raise AssertionError(f"the simulator did not start (exit code {proc.poll()})")
 
 
 @pytest.fixture
