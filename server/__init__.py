@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: defaults, then ORCH_* variables, then ``config``."""
+    # Imported here, not at module level: agents import server.signing and
+    # should not pay for Flask on a GPU host.
+    from flask import Flask
+
     from . import db, errors, migrations
     from .config import load_config
     from .notifier import Notifier

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from functools import wraps
-from typing import Callable
 
 from flask import current_app, g, request
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import agents, migrations
 from .config import DEFAULTS, ENV_PREFIX

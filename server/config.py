@@ -7,8 +7,9 @@ configuration table is generated from ``SETTINGS`` and a test keeps it true.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 ENV_PREFIX = "ORCH_"
 

@@ -7,9 +7,9 @@ a wait, a ``yield`` or network I/O.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import sqlite_utils
 from flask import Flask, current_app, g

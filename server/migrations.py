@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import sqlite3
 
 import sqlite_utils
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 # Keys nobody waited on or notified for this long are dropped by ``prune``.
 IDLE_KEY_SECONDS = 120.0

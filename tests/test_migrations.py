@@ -1,6 +1,7 @@
 """Migrations: applied once and in order, re-runs are no-ops, a newer database is refused."""
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ def test_failed_migration_leaves_neither_schema_nor_record(tmp_path):
     (folder / "0001_ok.sql").write_text("CREATE TABLE a (id INTEGER);\n")
     (folder / "0002_broken.sql").write_text("CREATE TABLE b (id INTEGER);\nTHIS IS NOT SQL;\n")
     db = connect(str(tmp_path / "m.db"))
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.OperationalError):
         migrate(db, folder)
     assert applied(db) == ["0001_ok.sql"]
     assert "b" not in db.table_names()

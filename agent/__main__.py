@@ -1,0 +1,41 @@
+"""`python -m agent` and the `orchestrator-agent` console script."""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from agent.client import ServerClient
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.legacy import legacy_config
+from agent.ollama import OllamaBackend
+from agent.worker import StartupError, Worker
+
+PROG = "orchestrator-agent"
+
+
+def build_worker(config: AgentConfig) -> Worker:
+    """The agent for `config`: its server client, its backend, its poll loop."""
+    if config.legacy:
+        config = legacy_config(config)
+    client = ServerClient(config.api_base, config.agent_id, config.agent_secret, keep_alive=not config.legacy)
+    return Worker(config, client, OllamaBackend(config.ollama_url))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT; a bad setting exits non-zero with one line on stderr."""
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return build_worker(config).work()
+    except StartupError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The poll loop: take jobs while a slot is free, run each on its own thread, stop on signals.
+
+Shaped like rq's worker: `try: while True: ... finally: teardown()`. The first
+SIGTERM/SIGINT requests a warm stop (no new polls, running jobs get
+SHUTDOWN_TIMEOUT to finish); a second one exits at once and the server's
+leases give the jobs back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+
+from agent.backend import Backend, BackendError
+from agent.batcher import ChunkBatch, TokenBatcher
+from agent.client import POLL_PATH, ServerClient
+from agent.config import AgentConfig
+from agent.exceptions import AgentError, JobGone, MalformedJob, ProtocolError, SignatureRejected, TransportError
+from agent.job import Job, JobRun, Poster
+from agent.legacy import LegacyPoster
+
+log = logging.getLogger(__name__)
+
+MODELS_REFRESH_SECONDS = 60.0
+DEFAULT_BACKOFF_BASE = 0.1
+BACKOFF_FACTOR = 2.0
+DEFAULT_BACKOFF_CAP = 10.0
+# After the shutdown deadline, the aborted jobs get this long to post their final error.
+SHUTDOWN_FINISH_GRACE = 5.0
+SHUTDOWN_REASON = "the agent shut down before the answer was complete"
+
+
+class StopRequested(BaseException):
+    """Raised by a stop signal in the main thread to cut a poll short (BaseException: no library swallows it)."""
+
+
+class StartupError(Exception):
+    """A setting the outside world rejected at start; the message is one line for the operator."""
+
+
+class ServerState(StrEnum):
+    OK = "reachable"
+    UNREACHABLE = "unreachable"
+    REJECTED = "rejecting our signature"
+    CONFUSED = "answering the poll oddly"
+
+
+class Wakeup:
+    """A self-pipe: `wake()` is safe in a signal handler (no lock), `wait()` sleeps until woken.
+
+    Never closed: a late job thread may still wake it, and a closed fd number can be reused.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:
+            pass  # already full of wake-ups
+
+    def wait(self, timeout: float) -> None:
+        if select.select([self._read], [], [], max(0.0, timeout))[0]:
+            try:
+                while os.read(self._read, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+
+class Worker:
+    """One agent: polls the server for jobs its backend can run and streams the answers back."""
+
+    backoff_base = DEFAULT_BACKOFF_BASE
+    backoff_factor = BACKOFF_FACTOR
+    backoff_cap = DEFAULT_BACKOFF_CAP
+    models_refresh = MODELS_REFRESH_SECONDS
+
+    def __init__(self, config: AgentConfig, client: ServerClient, backend: Backend) -> None:
+        self.config = config
+        self.client = client
+        self.backend = backend
+        self.name = config.agent_id
+        self.models: list[str] = list(config.models)
+        self._models_due = 0.0
+        self._running: dict[str, JobRun] = {}
+        self._lock = threading.Lock()
+        self._wakeup = Wakeup()
+        self._stop_requested = False
+        self._cold = False
+        self._interruptible = False
+        self._answered = False
+        self._loop_thread: threading.Thread | None = None
+        self._server_state = ServerState.OK
+        self._failures = 0
+
+    def work(self) -> int:
+        """Serve until a stop signal; returns the exit status. Raises `StartupError`."""
+        self._loop_thread = threading.current_thread()
+        self._install_signal_handlers()
+        self._check_backend()
+        try:
+            while not self._stop_requested:
+                if not self._wait_for_slot():
+                    break
+                self._refresh_models()
+                self._wakeup.wait(self._poll_once())
+        except StopRequested:
+            pass
+        finally:
+            self._teardown()
+        return 0
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: object = None) -> None:
+        """Warm stop (a signal handler, also callable from tests); a second call is a cold stop."""
+        if self._stop_requested:
+            if threading.current_thread() is not self._loop_thread:
+                return
+            self._cold = True
+            log.warning("%s: %s again: stopping at once; the server's leases give %d job(s) back",
+                        self.name, signal.Signals(signum).name, len(self._running))
+            raise SystemExit(128 + signum)
+        self._stop_requested = True
+        log.info("%s: %s: warm stop: no new jobs, %d running get up to %g s (signal again to stop at once)",
+                 self.name, signal.Signals(signum).name, len(self._running), self.config.shutdown_timeout)
+        self._wakeup.wake()
+        if self._interruptible and threading.current_thread() is self._loop_thread:
+            raise StopRequested
+
+    @property
+    def running_jobs(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+
+    def _check_backend(self) -> None:
+        try:
+            available = self.backend.models()
+        except BackendError as exc:
+            raise StartupError(str(exc)) from None
+        if self.config.models:
+            missing = sorted(set(self.config.models) - set(available))
+            if missing:
+                log.warning("%s: MODELS names %s, which %s does not list", self.name, ", ".join(missing),
+                            self.backend.url)
+        else:
+            self.models = available
+            self._models_due = time.monotonic() + self.models_refresh
+        if not self.models:
+            log.warning("%s: no models to serve: pull one (`ollama pull NAME`) or set MODELS", self.name)
+        log.info("%s: serving %s from %s for %s with %d slot(s), %s poll, %s batches", self.name,
+                 ",".join(self.models) or "nothing", self.backend.url, self.client.api_base, self.config.max_jobs,
+                 f"{self.config.long_poll:g} s long" if self.config.long_poll else f"{self.config.poll_interval:g} s",
+                 "legacy per-token" if self.config.legacy else self.config.batch_mode)
+
+    def _refresh_models(self) -> None:
+        if self.config.models or time.monotonic() < self._models_due:
+            return
+        self._models_due = time.monotonic() + self.models_refresh
+        try:
+            models = self.backend.models()
+        except BackendError as exc:
+            log.warning("%s: keeping models %s: %s", self.name, ",".join(self.models), exc)
+            return
+        if models != self.models:
+            log.info("%s: now serving %s", self.name, ",".join(models) or "nothing")
+            self.models = models
+
+    def _wait_for_slot(self) -> bool:
+        """True once a job slot is free; False when a stop was requested meanwhile."""
+        while not self._stop_requested:
+            if self.running_jobs < self.config.max_jobs:
+                return True
+            self._wakeup.wait(1.0)  # a finishing job wakes us sooner
+        return False
+
+    def _poll_once(self) -> float:
+        """Poll once and start the job if there is one; returns the seconds to wait before the next poll."""
+        started = time.monotonic()
+        try:
+            self._interruptible = True
+            if self._stop_requested:
+                raise StopRequested
+            job = self.client.poll(self.models, self.config.max_jobs - self.running_jobs, self.config.long_poll)
+        except TransportError as exc:
+            return self._server_trouble(ServerState.UNREACHABLE, exc)
+        except SignatureRejected as exc:
+            if not self._answered:
+                raise StartupError(f"server rejected our signature: check AGENT_ID/AGENT_SECRET ({exc})") from None
+            return self._server_trouble(ServerState.REJECTED, exc)
+        except MalformedJob as exc:
+            self._server_ok()
+            self._report_malformed(exc)
+            return 0.0
+        except (JobGone, ProtocolError) as exc:
+            if not self._answered and exc.status == 404:
+                raise StartupError(f"{self.client.api_base} answered 404 to {POLL_PATH}: check API_BASE") from None
+            return self._server_trouble(ServerState.CONFUSED, exc)
+        finally:
+            self._interruptible = False
+        self._server_ok()
+        if job is not None:
+            self._start(job)
+            return 0.0
+        # Long poll: ask again at once, unless the server answered 204 without holding the poll.
+        if self.config.long_poll and time.monotonic() - started >= self.config.poll_interval:
+            return 0.0
+        return self.config.poll_interval
+
+    def _server_ok(self) -> None:
+        if self._server_state is not ServerState.OK:
+            log.info("%s: server reachable again after %d failed poll(s)", self.name, self._failures)
+        self._server_state, self._failures, self._answered = ServerState.OK, 0, True
+
+    def _server_trouble(self, state: ServerState, exc: AgentError) -> float:
+        """Back off exponentially with jitter; log once per change of state, not per failure."""
+        self._failures += 1
+        delay = min(self.backoff_cap, self.backoff_base * self.backoff_factor ** min(self._failures - 1, 32))
+        if state is not self._server_state:
+            log.warning("%s: server %s (%s); retrying with back-off up to %g s",
+                        self.name, state.value, exc, self.backoff_cap)
+            self._server_state = state
+        # Jitter spreads agents that lost the server together; keeping half keeps the growth.
+        return delay * random.uniform(0.5, 1.0)
+
+    def _report_malformed(self, exc: MalformedJob) -> None:
+        log.error("%s: the server sent a malformed job (%s)%s", self.name, exc,
+                  f"; reporting job {exc.job_id} as failed" if exc.job_id else "")
+        if exc.job_id is None:
+            return
+        try:
+            self.client.send(ChunkBatch(exc.job_id, 0, (), done=True, error=f"the agent got a malformed job: {exc}"))
+        except AgentError as error:
+            log.warning("%s: could not report job %s as failed: %s", self.name, exc.job_id, error)
+
+    def _start(self, job: Job) -> None:
+        stream = self.backend.chat(job.model, job.messages, job.options)
+        run = JobRun(job, stream, self._make_poster, self._job_finished, name=self.name)
+        with self._lock:
+            self._running[job.id] = run
+        log.info("%s: job %s started (model %s)", self.name, job.id, job.model)
+        run.start()
+
+    def _make_poster(self, job_id: str, on_cancel: Callable[[], None]) -> Poster:
+        if self.config.legacy:
+            return LegacyPoster(job_id, self.client, on_cancel)
+        return TokenBatcher(job_id, self.client.send, max_tokens=self.config.batch_max_tokens,
+                            max_delay=self.config.batch_max_delay, adaptive=self.config.adaptive,
+                            on_cancel=on_cancel)
+
+    def _job_finished(self, run: JobRun, outcome: str) -> None:
+        with self._lock:
+            self._running.pop(run.job.id, None)
+        self._wakeup.wake()
+
+    def _teardown(self) -> None:
+        try:
+            if self._cold:
+                return
+            if self.running_jobs:
+                log.info("%s: waiting up to %g s for %d running job(s)",
+                         self.name, self.config.shutdown_timeout, self.running_jobs)
+                self._wait_for_jobs(self.config.shutdown_timeout)
+                with self._lock:
+                    late = list(self._running.values())
+                for run in late:
+                    log.warning("%s: job %s still running at the deadline: ending it", self.name, run.job.id)
+                    run.abort(SHUTDOWN_REASON)
+                if late:
+                    self._wait_for_jobs(SHUTDOWN_FINISH_GRACE)
+            log.info("%s: stopped", self.name)
+        finally:
+            self.client.close()
+
+    def _wait_for_jobs(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.running_jobs and (left := deadline - time.monotonic()) > 0:
+            self._wakeup.wait(min(left, 1.0))

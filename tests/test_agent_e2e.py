@@ -1,0 +1,293 @@
+"""The agent end to end: gunicorn with the gevent worker, the agent and the Ollama simulator, all real processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from agent.config import SETTINGS
+from agent.simtokens import chat_prompt, expected_text
+from server.agents import AgentCredentials, list_agents, online
+from server.db import connect
+from tests.conftest import ROOT, LiveServer, start_simulator, wait_until
+
+SEED = 0  # the simulator's default
+
+
+def messages(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def expected(content: str, tokens: int, model: str = "sim") -> str:
+    return expected_text(SEED, tokens, model, chat_prompt(messages(content)))
+
+
+@dataclass
+class AgentProcess:
+    proc: subprocess.Popen
+    log_path: Path
+    creds: AgentCredentials
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def agent_is_online(server: LiveServer, agent_id: str) -> bool:
+    conn = connect(str(server.db_path))
+    try:
+        return any(a["id"] == agent_id for a in online(conn, time.time(), 60))
+    finally:
+        conn.conn.close()
+
+
+def launch_agent(server: LiveServer, ollama_url: str, log_path: Path, name: str, **settings) -> AgentProcess:
+    creds = server.add_agent(name)
+    env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS} | {"OLLAMA_HOST"}}
+    env |= {"API_BASE": server.url, "AGENT_ID": creds.id, "AGENT_SECRET": creds.secret, "OLLAMA_URL": ollama_url,
+            "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in settings.items()}}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "agent"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    agent = AgentProcess(proc, log_path, creds)
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"the agent exited: {agent.log()}"
+        return agent_is_online(server, creds.id)
+
+    wait_until(ready, 20, 0.05, f"agent {name} online")
+    return agent
+
+
+@pytest.fixture
+def start_agent(tmp_path):
+    agents: list[AgentProcess] = []
+
+    def start(server: LiveServer, ollama_url: str, name: str = "agent", **settings) -> AgentProcess:
+        agents.append(launch_agent(server, ollama_url, tmp_path / f"agent-{name}.log", name, **settings))
+        return agents[-1]
+
+    yield start
+    for agent in agents:
+        agent.stop(signal.SIGKILL)
+
+
+@dataclass
+class Answer:
+    request_id: str
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+    error: dict | None = None
+
+
+class EventStream:
+    """One SSE response, read in steps (an abandoned `iter_lines` would close the connection)."""
+
+    def __init__(self, response: requests.Response, answer: Answer | None = None) -> None:
+        self.response = response
+        self.answer = answer or Answer(response.headers["X-Request-Id"])
+        self._lines = response.iter_lines(chunk_size=1)
+
+    def read(self, stop_after: int | None = None) -> Answer:
+        """Events until [DONE], an error, `stop_after` chunks in all, or a lost connection."""
+        answer, event = self.answer, {}
+        try:
+            for raw in self._lines:
+                line = raw.decode("utf-8")
+                if line:
+                    name, _, value = line.partition(": ")
+                    event[name] = value
+                    continue
+                if event.get("data") == "[DONE]":
+                    answer.done = True
+                    break
+                if event.get("event") == "error":
+                    answer.error = json.loads(event["data"])["error"]
+                    break
+                if "id" in event:
+                    answer.ids.append(int(event["id"]))
+                    answer.text += json.loads(event["data"])["delta"]
+                    if stop_after is not None and len(answer.ids) >= stop_after:
+                        break
+                event = {}
+        except requests.ConnectionError:
+            pass  # the server went away mid-stream
+        return answer
+
+
+def start_chat(server: LiveServer, content: str, model: str = "sim", **options) -> requests.Response:
+    response = requests.post(server.url + "/api/v1/chat/stream", stream=True, timeout=(5, 60),
+                             json={"model": model, "messages": messages(content), "options": options})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def chat(server: LiveServer, content: str, model: str = "sim", **options) -> Answer:
+    with start_chat(server, content, model, **options) as response:
+        return EventStream(response).read()
+
+
+# --- one server, simulator and agent shared by the module's simple cases -------
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stack")
+    server = LiveServer(tmp / "server.db", tmp / "server.log", {"ORCH_CANCEL_GRACE": "0"}).start()
+    sim = start_simulator(tmp, "--models", "sim,other", "--first-token-ms", "20", "--interval-ms", "5",
+                          "--tokens", "30")
+    # "ghost" is declared but missing from Ollama: the server routes it, Ollama answers 404.
+    # "other" is left to agents a test starts for itself.
+    agent = launch_agent(server, sim.url, tmp / "agent.log", "stack", MODELS="sim,ghost")
+    yield server, sim, agent
+    agent.stop(signal.SIGKILL)
+    sim.stop()
+    server.stop()
+
+
+def test_a_chat_streams_the_simulators_exact_text(stack):
+    server, _, _ = stack
+    answer = chat(server, "Why is the sky blue? ✨")
+    assert answer.done and answer.error is None
+    assert answer.text == expected("Why is the sky blue? ✨", 30)
+    assert answer.ids == list(range(len(answer.ids)))
+
+
+@pytest.mark.parametrize(("model", "options", "message"), [
+    ("sim", {"sim_error_after": 3}, "Ollama: simulated failure"),
+    ("sim", {"sim_drop_after": 3}, "the connection to Ollama was lost after 3 tokens"),
+    ("sim", {"sim_status": 500}, "Ollama answered 500"),
+    ("ghost", {}, 'Ollama answered 404: model "ghost" not found'),
+])
+def test_a_failing_ollama_ends_the_chat_with_a_clear_error_and_the_agent_keeps_serving(stack, model, options,
+                                                                                       message):
+    server, _, agent = stack
+    answer = chat(server, "break, please", model, **options)
+    assert answer.error is not None and answer.error["code"] == "agent_error"
+    assert answer.error["message"].startswith(message)
+    if "sim_error_after" in options or "sim_drop_after" in options:
+        assert answer.text == expected("break, please", 3)
+    assert chat(server, "and now?").text == expected("and now?", 30)
+    assert agent.proc.poll() is None
+
+
+def test_a_wrong_secret_stops_the_agent_at_start_with_one_line(stack):
+    server, sim, _ = stack
+    env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS} | {"OLLAMA_HOST"}}
+    env |= {"API_BASE": server.url, "AGENT_ID": server.add_agent("wrong").id, "AGENT_SECRET": "not-the-secret",
+            "OLLAMA_URL": sim.url}
+    result = subprocess.run([sys.executable, "agent/agent.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        "orchestrator-agent: server rejected our signature: check AGENT_ID/AGENT_SECRET")
+
+
+def test_a_user_disconnect_stops_the_simulators_generation(stack):
+    server, sim, _ = stack
+    requests.post(sim.url + "/sim/reset", timeout=5)
+    with start_chat(server, "a long story", sim_tokens=5000, sim_interval_ms=20) as response:
+        request_id = response.headers["X-Request-Id"]
+        assert len(EventStream(response).read(stop_after=3).ids) == 3
+    req = next(r["req"] for r in sim.records() if r["event"] == "start" and r["model"] == "sim")
+
+    def ended() -> list[dict]:
+        return [r for r in sim.records() if r["req"] == req and r["event"] in ("client_gone", "done")]
+
+    end = wait_until(ended, 15, message="the simulator's client_gone record")
+    assert end[0]["event"] == "client_gone" and end[0]["i"] < 5000
+    status = requests.get(f"{server.url}/api/v1/chat/{request_id}", timeout=5).json()["status"]
+    assert status == "cancelled"
+
+
+def test_the_legacy_profile_posts_each_token_alone_and_streams_the_same_text(stack, start_agent):
+    server, sim, _ = stack
+    agent = start_agent(server, sim.url, "legacy", MODELS="other", LEGACY="1")
+    answer = chat(server, "like before", "other")
+    assert answer.done and answer.text == expected("like before", 30, "other")
+    done_line = wait_until(lambda: [x for x in agent.log().splitlines() if " done after " in x], 10)[0]
+    assert "(30 tokens, 32 POSTs)" in done_line  # the acknowledgement, 30 tokens, done
+
+
+def test_a_second_signal_stops_the_agent_at_once(stack, start_agent):
+    server, sim, _ = stack
+    agent = start_agent(server, sim.url, "cold", MODELS="other", LONG_POLL=30)
+    with start_chat(server, "never finished", "other", sim_tokens=5000, sim_interval_ms=20) as response:
+        assert EventStream(response).read(stop_after=1).ids == [0]  # delivered through a long poll
+        agent.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "warm stop" in agent.log(), 10, message="the warm stop")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(15) == 128 + signal.SIGTERM
+    assert "stopping at once" in agent.log() and "Traceback" not in agent.log()
+
+
+def test_two_agents_with_two_slots_serve_ten_concurrent_chats_then_stop_from_a_long_poll(stack, start_agent):
+    server, sim, _ = stack
+    start_agent(server, sim.url, "one", MODELS="other", MAX_JOBS=2, BATCH_MODE="adaptive")
+    two = start_agent(server, sim.url, "two", MODELS="other", MAX_JOBS=2, LONG_POLL=30)
+    answers: dict[int, Answer] = {}
+    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, chat(server, f"question {i}", "other",
+                                                                                sim_interval_ms=10)))
+               for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for i in range(10):
+        assert answers[i].done and answers[i].text == expected(f"question {i}", 30, "other"), i
+    conn = connect(str(server.db_path))
+    done = {a["name"]: a["jobs_done"] for a in list_agents(conn) if a["name"] in ("one", "two")}
+    conn.conn.close()
+    assert done["one"] + done["two"] == 10 and done["one"] and done["two"], done
+    # Idle now, "two" is parked in a 30 s long poll: SIGTERM cuts it short.
+    two.proc.send_signal(signal.SIGTERM)
+    assert two.proc.wait(15) == 0, two.log()
+
+
+def test_sigterm_lets_the_running_job_finish_then_the_agent_exits_0(stack, start_agent):
+    server, sim, _ = stack
+    agent = start_agent(server, sim.url, "finisher", MODELS="other")
+    with start_chat(server, "finish me", "other", sim_tokens=60, sim_interval_ms=20) as response:
+        events = EventStream(response)
+        events.read(stop_after=1)
+        agent.proc.send_signal(signal.SIGTERM)
+        answer = events.read()
+    assert answer.done and answer.text == expected("finish me", 60, "other")
+    assert agent.proc.wait(30) == 0
+    assert "warm stop" in agent.log() and "Traceback" not in agent.log()
+
+
+# --- a case that needs processes of its own -------------------------------------
+
+def test_a_server_outage_mid_stream_loses_and_duplicates_nothing(live_server, simulator, start_agent):
+    agent = start_agent(live_server, simulator.url)
+    tokens = 100
+    with start_chat(live_server, "survive this", sim_tokens=tokens, sim_interval_ms=20) as response:
+        answer = EventStream(response).read(stop_after=5)
+        live_server.kill()
+    wait_until(lambda: "failed (" in agent.log(), 15, message="the agent noticing the outage")
+    live_server.start()
+    resumed = requests.get(f"{live_server.url}/api/v1/chat/stream/{answer.request_id}", stream=True,
+                           headers={"Last-Event-ID": str(answer.ids[-1])}, timeout=(5, 60))
+    with resumed:
+        EventStream(resumed, answer).read()
+    assert answer.done, answer.error
+    assert answer.ids == list(range(tokens)) and answer.text == expected("survive this", tokens)
