@@ -15,6 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	bash .ci/install-browser
 	$(PY) -m pytest -q $(ARGS)
 
 lint: $(STAMP)

@@ -17,9 +17,10 @@ timeout = 30
 # Parked polls and streams are woken at SIGTERM (see below), so this is
 # only a backstop.
 graceful_timeout = 10
-# Agents and frontends reuse connections; gunicorn's 2 s default would make
-# an agent polling every few seconds reconnect each time.
-keepalive = 75
+# Agents re-poll within POLL_INTERVAL (0.1 s) or at once after a long poll,
+# so a few seconds keeps their connections alive; longer would make SIGTERM
+# wait for idle keep-alive connections (they count as busy until it ends).
+keepalive = 5
 control_socket_disable = True
 accesslog = os.environ.get("ORCH_ACCESS_LOG") or None
 errorlog = "-"

@@ -1,0 +1,374 @@
+"""The chat and status pages in Debian's Chromium (headless, through Playwright), against a real
+server (gunicorn with the gevent worker), a real agent (`python -m agent`) and the Ollama simulator.
+
+Each test writes a screenshot under its temporary folder so a person can look at the page.
+Skipped, with the reason, where Chromium or the playwright package is missing: `.ci/install-browser`
+installs Chromium where it can.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import ROOT, LiveServer, Simulator, wait_until
+
+from agent.simtokens import expected_text
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the background-networking flags Chromium keeps dialling Google's
+# services, and this machine's closed network refuses its connections.
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 20_000
+
+
+def _skip_reason() -> str | None:
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is not installed: pip install -e '.[dev]'"
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing: .ci/install-browser installs it (needs root and apt-get)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+
+# --- the network: server, simulator, agent ---------------------------------------------------------
+
+@dataclass
+class Agent:
+    proc: subprocess.Popen
+    name: str
+    secret: str
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+@dataclass
+class Network:
+    server: LiveServer
+    simulator: Simulator
+    agent: Agent
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+def start_agent(server: LiveServer, sim: Simulator, log_path: Path, name: str = "browser-agent") -> Agent:
+    """`python -m agent` beside the simulator; returns once the server lists its models."""
+    creds = server.add_agent(name)
+    env = dict(os.environ, API_BASE=server.url, AGENT_ID=creds.id, AGENT_SECRET=creds.secret, OLLAMA_URL=sim.url,
+               MAX_JOBS="2", SHUTDOWN_TIMEOUT="2", PYTHONUNBUFFERED="1")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "agent"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    agent = Agent(proc, name, creds.secret)
+
+    def online() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the agent exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        return bool(requests.get(server.url + "/api/v1/models", timeout=5).json()["models"])
+
+    try:
+        wait_until(online, 20, 0.05, "the agent to come online")
+    except BaseException:
+        agent.stop()
+        raise
+    return agent
+
+
+@pytest.fixture
+def start_network(live_server_factory, simulator, tmp_path) -> Iterator:
+    """``start_network(**server_env)``: a live server with one agent in front of the simulator."""
+    agents: list[Agent] = []
+
+    def start(**server_env: str) -> Network:
+        server = live_server_factory(**server_env)
+        agents.append(start_agent(server, simulator, tmp_path / f"agent-{len(agents)}.log"))
+        return Network(server, simulator, agents[-1])
+
+    yield start
+    for agent in agents:
+        agent.stop()
+
+
+# --- the browser -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page; an uncaught JavaScript error fails the test."""
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    context.set_default_timeout(TIMEOUT_MS)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield tab
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect
+
+    playwright_expect.set_options(timeout=TIMEOUT_MS)
+    return playwright_expect(locator)
+
+
+def ask(page, prompt: str, options: dict | None = None):
+    """Type ``prompt`` (with ``options`` in the Advanced field) and send it; returns the answer's element."""
+    expect(page.locator("#model")).not_to_have_value("")
+    if options is not None:
+        page.click("#advanced summary")
+        page.fill("#options", json.dumps(options))
+    answers = page.locator(".msg.assistant")
+    count = answers.count()
+    page.fill("#prompt", prompt)
+    page.click("#send")
+    return answers.nth(count)
+
+
+# --- a network you can cut -------------------------------------------------------------------------
+
+class CuttableProxy:
+    """A TCP proxy in front of the server; ``cut()`` drops every open connection, like a network failure."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._sent: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def sent(self) -> bytes:
+        """Everything the browser sent upstream so far."""
+        with self._lock:
+            return b"".join(self._sent)
+
+    def cut(self) -> int:
+        """Close every open connection at once; new ones still get through. Returns how many were cut."""
+        with self._lock:
+            sockets, self._open = self._open, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(sockets) // 2
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            except OSError:
+                return
+            upstream.settimeout(None)
+            with self._lock:
+                self._open += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, record: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if record:
+                    with self._lock:
+                        self._sent.append(data)
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+# --- the tests -------------------------------------------------------------------------------------
+
+def test_chat_page_streams_the_simulators_exact_text(start_network, page, tmp_path):
+    network = start_network()
+    page.goto(network.url + "/")
+    prompt = "Tell me about llamas"
+
+    answer = ask(page, prompt, {"sim_tokens": 40, "sim_interval_ms": 10})
+
+    expect(answer).to_have_attribute("data-state", "done")
+    model = page.input_value("#model")
+    assert answer.locator(".text").text_content() == expected_text(0, 40, model, prompt)
+    expect(answer.locator(".ttft")).to_contain_text("first token")
+    expect(answer.locator(".rate")).to_contain_text("tokens/s")
+    expect(answer.locator(".count")).to_have_text("40 tokens")
+    expect(answer.locator(".error")).to_be_hidden()
+    record = requests.get(f"{network.url}/api/v1/chat/{answer.get_attribute('data-request-id')}", timeout=5).json()
+    assert record["status"] == "done"
+    page.screenshot(path=tmp_path / "chat.png", full_page=True)
+
+
+def test_stop_aborts_the_stream_and_cancels_the_job(start_network, page, tmp_path):
+    network = start_network(ORCH_CANCEL_GRACE="1")  # the default 5 s only makes the test slower
+    page.goto(network.url + "/")
+
+    answer = ask(page, "Talk for a long time", {"sim_tokens": 5000, "sim_interval_ms": 20})
+    expect(answer).to_have_attribute("data-state", "streaming")
+    page.click("#stop")
+
+    expect(answer).to_have_attribute("data-state", "stopped")
+    expect(page.locator("#send")).to_be_enabled()
+    wait_until(lambda: any(r["event"] == "client_gone" for r in network.simulator.records()), 20, 0.1,
+               "the simulator to see its client go away")
+    record = requests.get(f"{network.url}/api/v1/chat/{answer.get_attribute('data-request-id')}", timeout=5).json()
+    assert record["status"] == "cancelled"
+    assert answer.locator(".text").text_content() != ""
+    page.screenshot(path=tmp_path / "chat-stopped.png", full_page=True)
+
+
+def test_a_dropped_connection_resumes_without_gap_or_repeat(start_network, page, tmp_path):
+    network = start_network()
+    proxy = CuttableProxy(network.server.port)
+    try:
+        page.goto(proxy.url + "/")
+        prompt = "Keep going through the outage"
+        answer = ask(page, prompt, {"sim_tokens": 300, "sim_interval_ms": 20})
+        expect(answer).to_have_attribute("data-state", "streaming")  # mid-answer: about 6 s to go
+
+        assert proxy.cut() >= 1
+
+        expect(answer).to_have_attribute("data-state", "done")
+        model = page.input_value("#model")
+        assert answer.locator(".text").text_content() == expected_text(0, 300, model, prompt)
+        assert int(answer.get_attribute("data-resumes")) >= 1
+        expect(answer.locator(".resumes")).to_contain_text("resumed after")
+        request_id = answer.get_attribute("data-request-id")
+        sent = proxy.sent().lower()
+        assert f"get /api/v1/chat/stream/{request_id}".encode() in sent
+        assert b"\r\nlast-event-id: " in sent
+    finally:
+        proxy.close()
+    page.screenshot(path=tmp_path / "chat-resumed.png", full_page=True)
+
+
+def test_an_error_event_shows_as_an_error_not_as_text(start_network, page):
+    network = start_network()
+    page.goto(network.url + "/")
+    prompt = "Fail after three tokens"
+
+    answer = ask(page, prompt, {"sim_tokens": 10, "sim_error_after": 3, "sim_interval_ms": 5})
+
+    expect(answer).to_have_attribute("data-state", "error")
+    expect(answer.locator(".error")).to_be_visible()
+    assert answer.locator(".error").get_attribute("data-code") == "agent_error"
+    model = page.input_value("#model")
+    assert answer.locator(".text").text_content() == expected_text(0, 3, model, prompt)
+
+
+def test_status_page_lists_the_agent_behind_the_admin_token(start_network, page, tmp_path):
+    network = start_network(ORCH_ADMIN_TOKEN="operator-token")
+    # One finished chat, so the page has outcomes and latencies to show. Connection: close, because
+    # an idle keep-alive connection would hold up the server's graceful stop for 10 s.
+    answer = requests.post(network.url + "/api/v1/chat/stream", headers={"Connection": "close"}, timeout=30,
+                           json={"model": "sim", "messages": [{"role": "user", "content": "warm up"}]})
+    assert answer.text.endswith("data: [DONE]\n\n")
+
+    page.goto(network.url + "/status")
+    expect(page.locator("#banner")).to_contain_text("admin token")
+    page.fill("#admin-token", "operator-token")
+    page.click("#token-form button")
+
+    row = page.locator("#agents tbody tr", has_text=network.agent.name)
+    expect(row).to_be_visible()
+    expect(row.locator(".chip", has_text="sim:latest")).to_be_visible()
+    expect(page.locator("#tile-agents")).to_have_text("1")
+    expect(page.locator("#outcomes .outcome-done + dd")).to_have_text("1")
+    assert network.agent.secret not in page.content()
+    page.screenshot(path=tmp_path / "status.png", full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=tmp_path / "status-phone.png", full_page=True)
+
+
+# --- escaping: the page's own rendering, fed hostile API answers -------------------------------------
+
+HOSTILE = ["<script>window.pwned = 1</script>", ' <img src=x onerror="window.pwned = 2">', " & <b>bold</b>"]
+
+
+def test_answers_and_errors_containing_markup_show_as_text(live_server, page, tmp_path):
+    chunks = "".join(f"id: {i}\ndata: {json.dumps({'delta': text})}\n\n" for i, text in enumerate(HOSTILE))
+    replies = iter([
+        chunks + "data: [DONE]\n\n",
+        'event: error\ndata: {"error": {"code": "agent_error", "message": "<img src=x onerror=\\"window.pwned = 3\\">"}}\n\n',
+    ])
+    page.route("**/api/v1/models", lambda route: route.fulfill(
+        json={"models": [{"name": "<b>m</b>", "agents": 1, "slots": 1}]}))
+    page.route("**/api/v1/chat/stream", lambda route: route.fulfill(
+        status=200, body=next(replies), headers={"Content-Type": "text/event-stream", "X-Request-Id": "r1"}))
+    page.goto(live_server.url + "/")
+
+    answer = ask(page, "<i>hello</i>")
+    expect(answer).to_have_attribute("data-state", "done")
+    failed = ask(page, "again")
+    expect(failed).to_have_attribute("data-state", "error")
+
+    assert answer.locator(".text").text_content() == "".join(HOSTILE)
+    assert page.locator(".msg.user .text").first.text_content() == "<i>hello</i>"
+    assert failed.locator(".error").text_content() == '<img src=x onerror="window.pwned = 3">'
+    assert page.input_value("#model") == "<b>m</b>"
+    assert page.locator("#log img, #log b, #log i, #log script").count() == 0
+    assert page.evaluate("window.pwned") is None
+    page.screenshot(path=tmp_path / "chat-escaping.png", full_page=True)
+
+
+def test_status_page_shows_agent_names_and_models_as_text(live_server, page):
+    hostile = '<img src=x onerror="window.pwned = 4">'
+    page.route("**/api/v1/status*", lambda route: route.fulfill(json={
+        "now": 1000.0, "window_seconds": 300,
+        "agents": [{"id": "agt_1", "name": hostile, "models": [hostile], "slots": 1, "last_seen": 999.0,
+                    "jobs_done": 0, "tokens_streamed": 0, "tokens_per_second": None}],
+        "queue": [{"model": hostile, "queued": 1, "active": 0}],
+        "requests": {"by_status": {"done": 0, "failed": 1, "cancelled": 0}, "errors": {hostile: 1}},
+        "first_token_latency": {"samples": 0, "p50": None, "p95": None},
+    }))
+    page.goto(live_server.url + "/status")
+
+    expect(page.locator("#agents tbody tr")).to_have_count(1)
+    assert page.locator("#agents .agent-name").text_content().startswith(hostile)
+    assert page.locator("#agents .chip").text_content() == hostile
+    assert page.locator("#queue td").first.text_content() == hostile
+    expect(page.locator("#errors")).to_contain_text(hostile)
+    assert page.locator("main img").count() == 0
+    assert page.evaluate("window.pwned") is None
