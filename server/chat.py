@@ -1,6 +1,128 @@
-"""The native chat API: SSE streams, resume, history."""
+"""The native chat API: SSE streams, resume, history.
+
+The default event format is the legacy server's, byte for byte, because
+existing frontends parse it line by line::
+
+    id: 0
+    data: {"delta": "Hel"}
+
+    : keepalive
+
+    data: [DONE]
+
+The JSON after ``data:`` is one line, keeps non-ASCII as UTF-8, and uses
+``json.dumps``' default ``": "`` and ``", "`` separators, as the legacy
+``{"delta": "<text>"}`` did.  A failure is ``event: error`` with
+``data: {"error": {"code": ..., "message": ...}}``; ``event: status`` lines
+appear only when the client asks with ``"status_events": true``.
+"""
 from __future__ import annotations
 
-from flask import Blueprint
+import json
+
+from flask import Blueprint, current_app, jsonify, request
+
+from . import body, jobs, streaming
+from .auth import api_key_required
+from .db import get_db
+from .errors import BadRequest, NotFound
+from .notifier import current_notifier
 
 bp = Blueprint("chat", __name__)
+
+KEEPALIVE = b": keepalive\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def encode_event(event: streaming.Event) -> bytes:
+    """One event in the native SSE format."""
+    if isinstance(event, streaming.ChunkEvent):
+        line = f"id: {event.seq}\ndata: {_json({'delta': event.text})}\n\n"
+    elif isinstance(event, streaming.KeepaliveEvent):
+        return KEEPALIVE
+    elif isinstance(event, streaming.DoneEvent):
+        return DONE
+    elif isinstance(event, streaming.ErrorEvent):
+        line = f"event: error\ndata: {_json({'error': {'code': event.code, 'message': event.message}})}\n\n"
+    else:
+        status: dict[str, object] = {"state": event.state}
+        if event.position is not None:
+            status["position"] = event.position
+        line = f"event: status\ndata: {_json(status)}\n\n"
+    return line.encode("utf-8")
+
+
+@bp.post("/api/v1/chat/stream")
+@api_key_required
+def start_stream():
+    payload = body.json_object()
+    model, messages, options = streaming.validate_chat(payload)
+    status_events = body.boolean(payload.get("status_events", False), "status_events")
+    request_id = streaming.start_request(get_db(), current_notifier(), current_app.config, model, messages, options)
+    return _stream(request_id, -1, status_events)
+
+
+@bp.get("/api/v1/chat/stream/<request_id>")
+@api_key_required
+def resume_stream(request_id: str):
+    _existing(request_id)
+    status_events = request.args.get("status_events", "").lower() in ("1", "true", "yes")
+    return _stream(request_id, _resume_point(), status_events)
+
+
+@bp.get("/api/v1/chat/<request_id>")
+@api_key_required
+def show(request_id: str):
+    record = _existing(request_id)
+    text = "".join(chunk for _, chunk in jobs.chunks_after(get_db(), request_id, -1))
+    agent = None
+    if record["agent_id"]:
+        row = get_db().execute("SELECT name FROM agents WHERE id = ?", (record["agent_id"],)).fetchone()
+        agent = {"id": record["agent_id"], "name": row[0] if row else None}
+    final = streaming.final_event(record["status"], record["error_code"], record["error_message"], record["stats"])
+    error = {"code": final.code, "message": final.message} if isinstance(final, streaming.ErrorEvent) else None
+    return jsonify({
+        "id": request_id, "status": record["status"], "model": record["model"], "text": text,
+        "chunks": record["next_seq"], "stats": record["stats"], "agent": agent, "error": error,
+        "timings": {"queued_at": record["created_at"], "assigned_at": record["assigned_at"],
+                    "first_token_at": record["first_token_at"], "done_at": record["finished_at"]},
+    })
+
+
+def _existing(request_id: str) -> dict:
+    record = jobs.get_request(get_db(), request_id)
+    if record is None:
+        raise NotFound(f"no chat request {request_id}", code="request_not_found")
+    return record
+
+
+def _resume_point() -> int:
+    # Last-Event-ID wins over ?after=: an EventSource reconnecting to a URL
+    # that carries ?after= sends the newer position in the header.
+    raw = request.headers.get("Last-Event-ID") or request.args.get("after")
+    if raw is None or raw == "":
+        return -1
+    try:
+        after = int(raw)
+    except ValueError:
+        raise BadRequest("Last-Event-ID / ?after= must be a chunk number", code="invalid_field") from None
+    if after < -1:
+        raise BadRequest("Last-Event-ID / ?after= must be -1 or more", code="invalid_field")
+    return after
+
+
+def _stream(request_id: str, after_seq: int, status_events: bool):
+    # Everything the generator needs is captured here: it runs after this
+    # request context is gone.
+    if request.method == "HEAD":
+        # Headers only: following the request would park a greenlet until it ends.
+        return streaming.stream_response(iter(()), encode_event, request_id=request_id)
+    app = current_app._get_current_object()
+    events = streaming.follow(app, request_id, after_seq, status_events=status_events)
+    guarded = streaming.DisconnectGuard(app, request_id, events,
+                                        client_socket=request.environ.get("gunicorn.socket"))
+    return streaming.stream_response(guarded, encode_event, request_id=request_id)
