@@ -42,7 +42,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,8 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
-# Idle pooled read connections kept per app; under gevent one is ever in use.
-READ_POOL_SIZE = 4
 # KEEPALIVE_SECONDS <= 0 would spin: it means one keepalive an hour instead.
 NO_KEEPALIVE = 3600.0
 
@@ -274,21 +271,9 @@ def _idle(app: Flask, key: str, version: int, quiet_since: float) -> Generator[K
     return quiet_since
 
 
-@contextmanager
-def _reader(app: Flask) -> Iterator[sqlite_utils.Database]:
+def _reader(app: Flask):
     """A pooled connection for one short read or write outside any request context."""
-    pool: list = app.extensions.setdefault("streaming.connections", [])
-    try:
-        db = pool.pop()
-    except IndexError:
-        db = database.connect(app.config["DATABASE"])
-    try:
-        yield db
-    finally:
-        if len(pool) < READ_POOL_SIZE:
-            pool.append(db)
-        else:
-            db.conn.close()
+    return database.borrow(app)
 
 
 # --- clients going away ----------------------------------------------------

@@ -223,7 +223,7 @@ def test_history_of_a_failed_request_has_the_error(client, agent):
 # --- no database polling while a stream waits --------------------------------
 
 @pytest.fixture
-def statements(monkeypatch) -> list[str]:
+def statements(app, monkeypatch) -> list[str]:
     """Every SQL statement run on connections opened from now on (sqlite3 trace callback)."""
     from server import db as database
 
@@ -236,6 +236,9 @@ def statements(monkeypatch) -> list[str]:
         return conn
 
     monkeypatch.setattr(database, "connect", traced)
+    # Connections already pooled were opened untraced: start from an empty pool.
+    for db in app.extensions.pop("db.pool", []):
+        db.conn.close()
     return seen
 
 

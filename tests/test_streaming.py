@@ -238,7 +238,7 @@ def test_waiting_stream_holds_no_transaction(app, dbconn, agent):
     request_id = start(app, dbconn)
     events = streaming.follow(app, request_id)
     assert next(events) == KeepaliveEvent()          # it read, then waited
-    pooled = app.extensions["streaming.connections"]
+    pooled = app.extensions["db.pool"]
     assert pooled and not any(db.conn.in_transaction for db in pooled)
     agent.claim()
     agent.post(request_id, ["x"], done=True)          # a writer is not blocked
