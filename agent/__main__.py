@@ -5,10 +5,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from agent.backend import Backend
 from agent.client import ServerClient
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.legacy import legacy_config
 from agent.ollama import OllamaBackend
+from agent.openai_backend import OpenAIBackend
 from agent.worker import StartupError, Worker
 
 PROG = "orchestrator-agent"
@@ -19,7 +21,14 @@ def build_worker(config: AgentConfig) -> Worker:
     if config.legacy:
         config = legacy_config(config)
     client = ServerClient(config.api_base, config.agent_id, config.agent_secret, keep_alive=not config.legacy)
-    return Worker(config, client, OllamaBackend(config.ollama_url))
+    return Worker(config, client, build_backend(config))
+
+
+def build_backend(config: AgentConfig) -> Backend:
+    """The engine `config` names: Ollama's native API, or an OpenAI-compatible server."""
+    if config.backend == "openai":
+        return OpenAIBackend(config.backend_url, api_key=config.backend_api_key)
+    return OllamaBackend(config.backend_url or config.ollama_url)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

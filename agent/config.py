@@ -95,6 +95,12 @@ def _bool(value: str) -> bool:
     raise ValueError("is not a boolean (1/0, true/false)")
 
 
+def _backend(value: str) -> str:
+    if value.strip().lower() not in ("ollama", "openai"):
+        raise ValueError("must be 'ollama' or 'openai'")
+    return value.strip().lower()
+
+
 def _log_level(value: str) -> str:
     if value.strip().upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
@@ -127,6 +133,12 @@ SETTINGS: tuple[Setting, ...] = (
             "prefer the environment to the flag, which `ps` shows.", required=True),
     Setting("OLLAMA_URL", DEFAULT_OLLAMA_URL, "Ollama's URL; when unset, derived from Ollama's own "
             "`OLLAMA_HOST`.", _url),
+    Setting("BACKEND", "ollama", "`ollama` (Ollama's native API) or `openai` (any server streaming "
+            "`/v1/chat/completions`: llama.cpp's llama-server, vLLM, LM Studio).", _backend),
+    Setting("BACKEND_URL", "", "The engine's URL; required with BACKEND=openai (e.g. http://127.0.0.1:8080, "
+            "with or without /v1); with BACKEND=ollama it overrides OLLAMA_URL.", _url),
+    Setting("BACKEND_API_KEY", "", "Bearer key for an OpenAI-compatible engine started with one "
+            "(vLLM's --api-key, LM Studio).", _text),
     Setting("POLL_INTERVAL", 0.1, "Seconds between polls while the queue is empty (short poll).",
             _number(0, above=True)),
     Setting("LONG_POLL", 0.0, "Seconds the server may hold a poll open waiting for a job; "
@@ -154,6 +166,9 @@ class AgentConfig:
     agent_secret: str
     api_base: str = "http://127.0.0.1:8000"
     ollama_url: str = DEFAULT_OLLAMA_URL
+    backend: str = "ollama"
+    backend_url: str = ""
+    backend_api_key: str = ""
     poll_interval: float = 0.1
     long_poll: float = 0.0
     max_jobs: int = 1
@@ -207,6 +222,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
             values[s.field] = s.default
             continue
         values[s.field] = _parsed(s.parse, raw, source)
+    if values["backend"] == "openai" and not values["backend_url"]:
+        raise ConfigError("BACKEND=openai needs BACKEND_URL, the OpenAI-compatible server's URL")
     return AgentConfig(**values)
 
 

@@ -94,6 +94,7 @@ class JobRun:
         self._abort_reason: str | None = None
         self._stopped = threading.Event()
         self._last_token_at = time.monotonic()
+        self._first_token_at: float | None = None
         self.heartbeat_interval = max(MIN_HEARTBEAT_INTERVAL, job.lease_seconds / 3)
         self.thread = threading.Thread(target=self.run, name=f"job-{job.id[:12]}", daemon=True)
 
@@ -120,15 +121,25 @@ class JobRun:
             self._stopped.set()
             self._stream.close()
             self._poster.close(timeout=1.0)
-            log.info("%s: job %s %s after %.2f s (%s tokens, %d POSTs)", self.name, self.job.id, outcome,
-                     time.monotonic() - started, getattr(self._stream, "tokens", "?"), self._poster.sent_requests)
+            self._log_summary(outcome, started)
             self._on_finished(self, outcome)
+
+    def _log_summary(self, outcome: str, started: float) -> None:
+        """One line per job: model, tokens, generation rate and time to the first token."""
+        now, tokens = time.monotonic(), getattr(self._stream, "tokens", 0)
+        first = self._first_token_at
+        rate = f"{tokens / (now - first):.1f}" if first is not None and now > first else "-"
+        log.info("%s: job %s %s after %.2f s (%d tokens, %d POSTs): model %s, %s tokens/s, first token after %s",
+                 self.name, self.job.id, outcome, now - started, tokens, self._poster.sent_requests, self.job.model,
+                 rate, f"{first - started:.3f} s" if first is not None else "-")
 
     def _stream_answer(self) -> str:
         error = None
         try:
             for token in self._stream:
                 self._last_token_at = time.monotonic()
+                if self._first_token_at is None:
+                    self._first_token_at = self._last_token_at
                 self._poster.add(token)
                 if self._poster.failed is not None:
                     break

@@ -1,11 +1,14 @@
 """A fake Ollama server for `make run`, end-to-end tests and the latency benchmark.
 
 It speaks Ollama's documented `/api/chat`, `/api/generate`, `/api/tags` and
-`/api/version`. A request's `options` may override timing (`sim_tokens`,
+`/api/version` (and OpenAI's `/v1/models` and `/v1/chat/completions`, see
+agent/simopenai.py). A request's `options` may override timing (`sim_tokens`,
 `sim_first_token_ms`, `sim_interval_ms`, `sim_jitter_ms`, `sim_seed`) and inject
 faults (`sim_error_after`, `sim_drop_after`, `sim_status`); Ollama's own
 `num_predict` and `seed` are honoured. Simulator-only: `GET /sim/log` lists what
-was emitted, `POST /sim/reset` forgets it, and answers carry `X-Sim-Request`.
+was emitted, `POST /sim/reset` forgets it, answers carry `X-Sim-Request`, and a
+string `options.sim_tag` is copied into the request's `start` record, so a
+client that reaches the simulator through other processes can find its records.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from agent.simlog import EmitLog
+from agent.simopenai import OpenAIRoutes
 from agent.simplan import (
     DEFAULT_FIRST_TOKEN_MS,
     DEFAULT_INTERVAL_MS,
@@ -77,7 +81,7 @@ class SimulatorServer(ThreadingHTTPServer):
             return self._ready_at.setdefault(model, now + self.config.load_ms / 1000)
 
 
-class SimulatorHandler(BaseHTTPRequestHandler):
+class SimulatorHandler(OpenAIRoutes, BaseHTTPRequestHandler):
     """Answers one connection's requests the way Ollama would."""
 
     protocol_version = "HTTP/1.1"
@@ -87,12 +91,14 @@ class SimulatorHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._dispatch({"/": self._root, "/api/version": self._version, "/api/tags": self._tags,
+                        "/v1/models": self._openai_models,
                         "/sim/log": self._log})
 
     do_HEAD = do_GET
 
     def do_POST(self) -> None:  # noqa: N802
-        self._dispatch({"/api/chat": self._chat, "/api/generate": self._generate, "/sim/reset": self._reset})
+        self._dispatch({"/api/chat": self._chat, "/api/generate": self._generate, "/sim/reset": self._reset,
+                        "/v1/chat/completions": self._openai_chat})
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         log.debug("%s %s", self.address_string(), format % args)
@@ -198,7 +204,9 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                     int((ready - now) * 1e9), started_ns)
         self._req = turn.req
         stream = body.get("stream") is not False
-        self.server.emit_log.record("start", turn.req, t=started_t, model=model, endpoint=kind, stream=stream)
+        tag = options.get("sim_tag")
+        self.server.emit_log.record("start", turn.req, t=started_t, model=model, endpoint=kind, stream=stream,
+                                    **({"tag": tag} if isinstance(tag, str) else {}))
         if plan.status is not None:
             self.server.emit_log.record("error", turn.req, kind="status", status=plan.status)
             raise SimError(plan.status, f"simulated status {plan.status}")

@@ -1,6 +1,229 @@
-"""Prometheus metrics and health."""
+"""Prometheus metrics (``GET /metrics``) and health (``GET /healthz``).
+
+Each app has its own ``CollectorRegistry``: tests build many apps, and the
+global registry refuses a second metric of the same name.  No view calls in
+here: agent polls and chunk POSTs are counted by an ``after_app_request``
+hook keyed by endpoint, lease expiries by a sweeper listener, and the gauges
+are read from SQLite at scrape time by ``DatabaseCollector`` with a few short
+indexed queries.  The one call from elsewhere is ``observe_delivery``, made by
+the streaming engine as each chunk is handed to a client's stream.
+"""
 from __future__ import annotations
 
-from flask import Blueprint
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from . import db as database
+from . import migrations
+from .auth import admin_required
+from .db import get_db
+from .errors import ApiError
 
 bp = Blueprint("metrics", __name__)
+
+POLL_ENDPOINT = "inference.poll"
+CHUNK_ENDPOINT = "inference.stream"
+# Token latencies are tens of ms on a LAN; a queued request waits seconds to minutes.
+FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+DELIVERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# Requests whose first token was already observed; bounded, and one entry per job in flight is plenty.
+FIRST_TOKEN_MEMORY = 10_000
+# Finished requests are counted this long after their finished_at: another worker process may
+# commit a row stamped a moment before one this process already counted.
+SETTLE_SECONDS = 2.0
+
+
+class Metrics:
+    """One app's metrics: counters and histograms fed by hooks, gauges read at scrape time."""
+
+    def __init__(self, app: Flask) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.chunk_posts = Counter("orchestrator_chunk_posts", "Chunk POSTs from agents, by HTTP status.",
+                                   ["status"], registry=registry)
+        self.polls = Counter("orchestrator_polls", "Agent polls, by kind (short, long) and outcome (job, empty, error).",
+                             ["kind", "outcome"], registry=registry)
+        self.lease_expiries = Counter("orchestrator_lease_expiries",
+                                      "Jobs whose lease ran out, by what became of them (requeued, failed, cancelled).",
+                                      ["outcome"], registry=registry)
+        self.queue_timeouts = Counter("orchestrator_queue_timeouts", "Requests no agent took within QUEUE_TIMEOUT.",
+                                      registry=registry)
+        self.first_token = Histogram("orchestrator_time_to_first_token_seconds",
+                                     "From a request's creation to its first token stored.",
+                                     buckets=FIRST_TOKEN_BUCKETS, registry=registry)
+        self.delivery = Histogram("orchestrator_token_delivery_seconds",
+                                  "From a chunk stored to its write to a client's stream.",
+                                  buckets=DELIVERY_BUCKETS, registry=registry)
+        # Known label values start at zero, so a rate() never misses its first increment.
+        for kind in ("short", "long"):
+            for outcome in ("job", "empty", "error"):
+                self.polls.labels(kind, outcome)
+        for outcome in ("requeued", "failed", "cancelled"):
+            self.lease_expiries.labels(outcome)
+        registry.register(DatabaseCollector(app))
+        self._first_token_seen: OrderedDict[str, None] = OrderedDict()
+        self.listening = False
+
+    def sweep_listener(self, changed: list) -> None:
+        """Count what a sweep changed (``sweeper.listeners`` entry)."""
+        for item in changed:
+            if "agent_id" in item.extra:            # only expire_leases names the agent
+                self.lease_expiries.labels(item.outcome).inc()
+            elif item.outcome == "failed":
+                self.queue_timeouts.inc()
+
+    def observe_first_token(self, db, request_id: str) -> None:
+        """Observe a request's time to first token, once, as soon as it has one."""
+        if request_id in self._first_token_seen:
+            return
+        row = db.execute("SELECT created_at, first_token_at FROM requests WHERE id = ?", (request_id,)).fetchone()
+        if row is None or row[1] is None:
+            return
+        self.first_token.observe(max(0.0, row[1] - row[0]))
+        self._first_token_seen[request_id] = None
+        if len(self._first_token_seen) > FIRST_TOKEN_MEMORY:
+            self._first_token_seen.popitem(last=False)
+
+
+class DatabaseCollector:
+    """Gauges and counters that SQLite already knows, read at scrape time."""
+
+    def __init__(self, app: Flask) -> None:
+        self.path = app.config["DATABASE"]
+        self.online_window = app.config["AGENT_ONLINE_SECONDS"]
+        # Counters of finished requests start at zero with the process, as Prometheus expects.
+        self._finished: dict[str, int] = {"done": 0, "failed": 0, "cancelled": 0}
+        self._counted_until = time.time()
+
+    def describe(self) -> list[Metric]:
+        return []   # no describe-time queries: the registry must not touch the database at start
+
+    def collect(self) -> Iterator[Metric]:
+        db = database.connect(self.path)
+        try:
+            yield from self._collect(db, time.time())
+        finally:
+            db.conn.close()
+
+    def _collect(self, db, now: float) -> Iterator[Metric]:
+        states = GaugeMetricFamily("orchestrator_requests", "Requests not finished yet, by state.", labels=["state"])
+        states.add_metric(["queued"], db.execute("SELECT count(*) FROM requests WHERE status = 'queued'").fetchone()[0])
+        active = dict(db.execute("SELECT status, count(*) FROM requests WHERE status IN ('delivered', 'running')"
+                                 " GROUP BY status").fetchall())
+        for state in ("delivered", "running"):
+            states.add_metric([state], active.get(state, 0))
+        yield states
+
+        depth = GaugeMetricFamily("orchestrator_queue_depth", "Queued requests per model.", labels=["model"])
+        for model, count in db.execute("SELECT model, count(*) FROM requests WHERE status = 'queued'"
+                                       " GROUP BY model").fetchall():
+            depth.add_metric([model], count)
+        yield depth
+
+        yield GaugeMetricFamily("orchestrator_agents_online", "Agents that polled or posted within AGENT_ONLINE_SECONDS.",
+                                value=db.execute("SELECT count(*) FROM agents WHERE removed_at IS NULL"
+                                                 " AND last_seen >= ?", (now - self.online_window,)).fetchone()[0])
+        tokens, jobs = db.execute("SELECT coalesce(sum(tokens_streamed), 0), coalesce(sum(jobs_done), 0)"
+                                  " FROM agents").fetchone()
+        yield CounterMetricFamily("orchestrator_tokens_streamed", "Tokens (chunks) agents have streamed in.",
+                                  value=tokens)
+        yield CounterMetricFamily("orchestrator_jobs_done", "Jobs agents have finished.", value=jobs)
+        yield self._finished_family(db, now)
+
+    def _finished_family(self, db, now: float) -> Metric:
+        # Only the rows finished since the last scrape: one range over the finished_at index.
+        until = now - SETTLE_SECONDS
+        if until > self._counted_until:
+            for status, count in db.execute(
+                    "SELECT status, count(*) FROM requests WHERE finished_at > ? AND finished_at <= ?"
+                    " GROUP BY status", (self._counted_until, until)).fetchall():
+                self._finished[status] = self._finished.get(status, 0) + count
+            self._counted_until = until
+        family = CounterMetricFamily("orchestrator_requests_finished",
+                                     "Requests that reached a final state (done, failed, cancelled) since start; "
+                                     "counted ~2 s after they finish.", labels=["state"])
+        for status, count in self._finished.items():
+            family.add_metric([status], count)
+        return family
+
+
+def current_metrics() -> Metrics:
+    return current_app.extensions["metrics"]
+
+
+@bp.record_once
+def _install(state) -> None:
+    state.app.extensions["metrics"] = Metrics(state.app)
+
+
+@bp.before_app_request
+def _listen_to_sweeper() -> None:
+    # The sweeper is built after the blueprints are registered, so join it on the first request.
+    metrics = current_metrics()
+    if not metrics.listening:
+        sweeper = current_app.extensions.get("sweeper")
+        if sweeper is not None:
+            sweeper.listeners.append(metrics.sweep_listener)
+            metrics.listening = True
+
+
+@bp.after_app_request
+def _count_agent_requests(response: Response) -> Response:
+    endpoint = request.endpoint
+    if endpoint == POLL_ENDPOINT:
+        current_metrics().polls.labels(_poll_kind(), _poll_outcome(response.status_code)).inc()
+    elif endpoint == CHUNK_ENDPOINT:
+        metrics = current_metrics()
+        metrics.chunk_posts.labels(str(response.status_code)).inc()
+        body = request.get_json(silent=True, cache=True) if response.status_code == 200 else None
+        if isinstance(body, dict) and isinstance(body.get("id"), str):
+            metrics.observe_first_token(get_db(), body["id"])
+    return response
+
+
+def _poll_kind() -> str:
+    try:
+        return "long" if float(request.args.get("wait") or 0) > 0 else "short"
+    except ValueError:
+        return "short"
+
+
+def _poll_outcome(status: int) -> str:
+    return {200: "job", 204: "empty"}.get(status, "error")
+
+
+def observe_delivery(app: Flask, stored_at: float, now: float | None = None) -> None:
+    """Record that a chunk stored at ``stored_at`` was written to a client's stream."""
+    metrics = app.extensions.get("metrics")
+    if metrics is not None:
+        metrics.delivery.observe(max(0.0, (time.time() if now is None else now) - stored_at))
+
+
+@bp.get("/metrics")
+@admin_required
+def metrics_page() -> Response:
+    return Response(generate_latest(current_metrics().registry), content_type=CONTENT_TYPE_LATEST)
+
+
+@bp.get("/healthz")
+def healthz() -> dict[str, Any]:
+    """200 when the database answers and its schema is current; 503 otherwise."""
+    try:
+        db = get_db()
+        db.execute("SELECT 1").fetchone()
+        waiting = migrations.pending(db)
+    except (sqlite3.Error, OSError) as exc:
+        raise ApiError(f"the database is unreachable: {exc}", code="database_unreachable", status=503) from None
+    except migrations.MigrationError as exc:
+        raise ApiError(str(exc), code="migrations_mismatch", status=503) from None
+    if waiting:
+        raise ApiError(f"{len(waiting)} migration(s) pending: {', '.join(m.name for m in waiting)}",
+                       code="migrations_pending", status=503)
+    return {"status": "ok", "database": "ok", "migrations": "current"}

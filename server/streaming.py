@@ -42,13 +42,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 from flask import Flask, Response
 
-from . import agents, body, jobs
+from . import agents, body, jobs, metrics
 from . import db as database
 from .errors import BadRequest, NotFound
 from .notifier import Notifier
@@ -67,6 +67,7 @@ NO_KEEPALIVE = 3600.0
 class ChunkEvent:
     seq: int
     text: str
+    stored_at: float = field(default=0.0, compare=False)   # when the agent's POST stored it (for metrics)
 
 
 @dataclass(frozen=True)
@@ -134,14 +135,14 @@ class _Snapshot:
     error_code: str | None
     error_message: str | None
     stats: dict[str, Any] | None
-    chunks: list[tuple[int, str]]
+    chunks: list[tuple[int, str, float]]
     position: int | None
 
 
 # One statement over both primary keys: a request row and its new chunks,
 # consistent with each other (a final status never comes without its chunks).
 _SNAPSHOT_SQL = """
-SELECT r.status, r.error_code, r.error_message, r.stats, r.model, r.created_at, c.seq, c.text
+SELECT r.status, r.error_code, r.error_message, r.stats, r.model, r.created_at, c.seq, c.text, c.created_at
 FROM requests AS r LEFT JOIN chunks AS c ON c.request_id = r.id AND c.seq > ?
 WHERE r.id = ? ORDER BY c.seq"""
 
@@ -151,7 +152,7 @@ def _read(db: sqlite_utils.Database, request_id: str, after_seq: int, with_posit
     if not rows:
         return None
     status, code, message, stats, model, created_at = rows[0][:6]
-    chunks = [(seq, text) for *_, seq, text in rows if seq is not None]
+    chunks = [(seq, text, stored_at) for *_, seq, text, stored_at in rows if seq is not None]
     position = None
     if with_position and status == jobs.Status.QUEUED:
         position = jobs.queue_position(db, request_id, model, created_at)
@@ -174,8 +175,8 @@ class _Cursor:
 
     def advance(self, snap: _Snapshot) -> list[Event]:
         events: list[Event] = self._status(snap) if self.reports_status else []
-        for seq, text in snap.chunks:
-            events.append(ChunkEvent(seq, text))
+        for seq, text, stored_at in snap.chunks:
+            events.append(ChunkEvent(seq, text, stored_at))
             self.last_seq = seq
         final = final_event(snap.status, snap.error_code, snap.error_message, snap.stats)
         if final is not None:
@@ -333,6 +334,8 @@ class DisconnectGuard:
     def __next__(self) -> Event:
         event = next(self._events)
         self._final = isinstance(event, FINAL_EVENTS)
+        if isinstance(event, ChunkEvent) and event.stored_at:
+            metrics.observe_delivery(self.app, event.stored_at)
         return event
 
     def close(self) -> None:
