@@ -10,6 +10,8 @@ from typing import Any
 
 import sqlite_utils
 
+from .errors import Unauthorized
+
 
 @dataclass(frozen=True)
 class AgentCredentials:
@@ -39,14 +41,22 @@ def secret_for(db: sqlite_utils.Database, agent_id: str) -> str | None:
 
 
 def touch(db: sqlite_utils.Database, agent_id: str, now: float, models: list[str] | None = None,
-          slots: int | None = None) -> None:
-    """Record that the agent was seen, and what it declared."""
+          slots: int | None = None) -> list[str] | None:
+    """Record that the agent was seen, and what it declared; returns its models (None: serves any).
+
+    One statement: a poll that omits ``models`` gets the remembered list back
+    from it.  Raises Unauthorized if the agent was removed meanwhile (a parked poll).
+    """
+    active = "WHERE id = ? AND removed_at IS NULL RETURNING models"
     if models is None:
-        db.execute("UPDATE agents SET last_seen = ?, slots = coalesce(?, slots) WHERE id = ?",
-                   (now, slots, agent_id))
+        row = db.execute(f"UPDATE agents SET last_seen = ?, slots = coalesce(?, slots) {active}",
+                         (now, slots, agent_id)).fetchone()
     else:
-        db.execute("UPDATE agents SET last_seen = ?, models = ?, slots = coalesce(?, slots) WHERE id = ?",
-                   (now, json.dumps(models), slots, agent_id))
+        row = db.execute(f"UPDATE agents SET last_seen = ?, models = ?, slots = coalesce(?, slots) {active}",
+                         (now, json.dumps(models), slots, agent_id)).fetchone()
+    if row is None:
+        raise Unauthorized("this agent was removed", code="bad_signature")
+    return json.loads(row[0]) or None
 
 
 def declared_models(db: sqlite_utils.Database, agent_id: str) -> list[str] | None:
@@ -80,3 +90,37 @@ def serves(agents: list[dict[str, Any]], model: str) -> bool:
 def _public(row: tuple) -> dict[str, Any]:
     return {"id": row[0], "name": row[1], "last_seen": row[2], "models": json.loads(row[3] or "[]"),
             "slots": row[4], "jobs_done": row[5], "tokens_streamed": row[6]}
+
+
+# "Recent tokens per second" averages the chunks stored over this window.
+RATE_WINDOW_SECONDS = 60.0
+
+
+def token_rates(db: sqlite_utils.Database, now: float, window: float = RATE_WINDOW_SECONDS) -> dict[str, float]:
+    """Tokens per second each agent streamed over the last ``window`` seconds.
+
+    Counted from the chunks table, so every worker process sees the same
+    figure; only requests active or finished within the window are joined.
+    """
+    since = now - window
+    rows = db.execute(
+        """SELECT r.agent_id, count(*) FROM requests r JOIN chunks c ON c.request_id = r.id AND c.created_at >= ?
+           WHERE r.id IN (SELECT id FROM requests WHERE finished_at >= ?
+                          UNION ALL SELECT id FROM requests WHERE status IN ('delivered', 'running'))
+           GROUP BY r.agent_id""", (since, since)).fetchall()
+    return {agent_id: round(count / window, 2) for agent_id, count in rows if agent_id}
+
+
+def overview(db: sqlite_utils.Database, now: float, online_window: float) -> list[dict[str, Any]]:
+    """Every active agent for operators: presence, declared models and slots, work done, recent rate."""
+    rates = token_rates(db, now)
+    rows = db.execute(
+        "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed FROM agents"
+        " WHERE removed_at IS NULL ORDER BY name, id").fetchall()
+    listed = []
+    for row in rows:
+        agent = _public(row)
+        agent["online"] = agent["last_seen"] is not None and agent["last_seen"] >= now - online_window
+        agent["tokens_per_second"] = rates.get(agent["id"], 0.0)
+        listed.append(agent)
+    return listed

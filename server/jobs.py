@@ -9,16 +9,19 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
 from .db import transaction
 from .errors import Conflict, Forbidden, Gone, NotFound
 
+if TYPE_CHECKING:
+    from .notifier import Notifier
 
-class Status(str, Enum):
+
+class Status(StrEnum):
     QUEUED = "queued"
     DELIVERED = "delivered"   # handed to an agent, awaiting its first POST
     RUNNING = "running"
@@ -55,6 +58,7 @@ class Appended:
     stored: int = 0           # chunks newly written by this POST
     finished: bool = False    # this POST moved the request to a final state
     model: str = ""
+    started: bool = False     # this POST was the agent's first: delivered -> running
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,24 @@ def create_request(db: sqlite_utils.Database, model: str, messages: list[dict[st
         (request_id, model, json.dumps(messages, ensure_ascii=False), json.dumps(options, ensure_ascii=False),
          front_door, now))
     return request_id
+
+
+# Notifier key every long poll of an agent that declared no models waits on.
+ANY_MODEL_KEY = "jobs:*"
+
+
+def queue_key(model: str) -> str:
+    """The notifier key long polls for ``model`` wait on."""
+    return "jobs:" + model
+
+
+def announce(notifier: Notifier, model: str) -> None:
+    """Wake one long poll for ``model`` and one catch-all poll: a job was queued or requeued.
+
+    Call after the commit.  wake=1: one job needs one poller, the rest stay parked.
+    """
+    notifier.notify(queue_key(model), wake=1)
+    notifier.notify(ANY_MODEL_KEY, wake=1)
 
 
 def claim_job(db: sqlite_utils.Database, agent_id: str, models: list[str] | None, now: float,
@@ -100,10 +122,11 @@ def claim_job(db: sqlite_utils.Database, agent_id: str, models: list[str] | None
 
 
 def get_request(db: sqlite_utils.Database, request_id: str) -> dict[str, Any] | None:
-    row = db.execute("SELECT * FROM requests WHERE id = ?", (request_id,)).fetchone()
+    cursor = db.execute("SELECT * FROM requests WHERE id = ?", (request_id,))
+    row = cursor.fetchone()
     if row is None:
         return None
-    record = dict(zip([d[0] for d in db.conn.execute("SELECT * FROM requests LIMIT 0").description], row))
+    record = dict(zip([d[0] for d in cursor.description], row, strict=True))
     for key in ("messages", "options", "stats"):
         if record.get(key):
             record[key] = json.loads(record[key])
@@ -125,60 +148,91 @@ def queue_position(db: sqlite_utils.Database, request_id: str, model: str, creat
 def append_chunks(db: sqlite_utils.Database, agent_id: str, request_id: str, seq: int | None,
                   chunks: list[str], done: bool, now: float, lease_seconds: float,
                   stats: dict[str, Any] | None = None, error: str | None = None) -> Appended:
-    """Store one POST's chunks in one transaction; ``seq=None`` appends (legacy agents).
+    """Store one POST's chunks, renew the lease and touch the agent, in one transaction.
 
-    Raises NotFound (unknown id), Forbidden (another agent's job), Gone (this
-    agent no longer holds it) or Conflict with ``expected_seq`` (a gap).
+    ``seq=None`` appends (legacy agents).  Raises NotFound (unknown id),
+    Forbidden (another agent's job), Gone (this agent no longer holds it) or
+    Conflict with ``expected_seq`` (a gap); then nothing is written.
     """
     with transaction(db) as conn:
         row = conn.execute(
-            "SELECT status, agent_id, next_seq, cancel_requested, model, released FROM requests WHERE id = ?",
-            (request_id,)).fetchone()
+            "SELECT status, agent_id, next_seq, cancel_requested, model, released, error_code"
+            " FROM requests WHERE id = ?", (request_id,)).fetchone()
         if row is None:
-            raise NotFound(f"no job {request_id}")
-        status, holder, next_seq, cancel_requested, model, released = row
-        if holder != agent_id:
-            if agent_id in (released or "").split(","):
-                raise Gone("this agent no longer holds the job: its lease ran out", code="lease_expired")
-            raise Forbidden("this job is held by another agent", code="not_your_job")
-        if status == Status.CANCELLED:
-            return Appended(next_seq, True, model=model)
-        if seq is None:
-            seq = next_seq
-        end = seq + len(chunks)
-        if status == Status.DONE and end <= next_seq:
-            return Appended(next_seq, False, model=model)      # a retried final POST
-        if status in FINAL or status == Status.QUEUED:
-            raise Gone(f"the job is {status}", code="job_" + status)
-        if seq > next_seq:
-            raise Conflict(f"seq {seq} leaves a gap: the server has {next_seq} chunks",
-                           code="seq_gap", extra={"expected_seq": next_seq})
-        fresh = chunks[next_seq - seq:] if end > next_seq else []
-        if fresh:
-            conn.executemany("INSERT INTO chunks (request_id, seq, text, created_at) VALUES (?, ?, ?, ?)",
-                             [(request_id, next_seq + i, text, now) for i, text in enumerate(fresh)])
-            conn.execute("UPDATE agents SET tokens_streamed = tokens_streamed + ? WHERE id = ?",
-                         (len(fresh), agent_id))
-        new_next = next_seq + len(fresh)
-        if cancel_requested:
-            conn.execute("UPDATE requests SET status = 'cancelled', next_seq = ?, finished_at = ?, lease_expires = NULL"
-                         " WHERE id = ?", (new_next, now, request_id))
-            return Appended(new_next, True, len(fresh), True, model)
-        if done:
-            final = Status.FAILED if error else Status.DONE
-            conn.execute(
-                """UPDATE requests SET status = ?, next_seq = ?, finished_at = ?, lease_expires = NULL,
-                       first_token_at = coalesce(first_token_at, CASE WHEN ? THEN ? END),
-                       stats = ?, error_code = ?, error_message = ? WHERE id = ?""",
-                (final.value, new_next, now, bool(fresh), now, json.dumps(stats) if stats else None,
-                 "agent_error" if error else None, error, request_id))
-            conn.execute("UPDATE agents SET jobs_done = jobs_done + 1 WHERE id = ?", (agent_id,))
-            return Appended(new_next, False, len(fresh), True, model)
+            raise NotFound(f"no job {request_id}", code="job_not_found")
+        held = _HeldJob(request_id, *row)
+        _check_holder(held, agent_id)
+        result = _store_post(conn, held, seq, chunks, done, now, lease_seconds, stats, error)
+        completed = result.finished and done and not error and not result.cancelled
+        # The agent's presence rides in this transaction: no second write per POST.
+        conn.execute("UPDATE agents SET last_seen = ?, tokens_streamed = tokens_streamed + ?,"
+                     " jobs_done = jobs_done + ? WHERE id = ?", (now, result.stored, int(completed), agent_id))
+    return result
+
+
+@dataclass(frozen=True)
+class _HeldJob:
+    id: str
+    status: str
+    holder: str | None
+    next_seq: int
+    cancel_requested: int
+    model: str
+    released: str | None
+    error_code: str | None
+
+
+def _check_holder(job: _HeldJob, agent_id: str) -> None:
+    lost_lease = agent_id in (job.released or "").split(",")
+    if job.holder != agent_id and not lost_lease:
+        raise Forbidden("this job is held by another agent", code="not_your_job")
+    # The holder of a final job it lost to the sweeper, or a former holder:
+    # either way the agent must stop (an agent given the same job again holds it anew).
+    if job.holder != agent_id or (lost_lease and job.status in FINAL):
+        raise Gone("this agent no longer holds the job: its lease ran out", code="lease_expired")
+
+
+def _store_post(conn, job: _HeldJob, seq: int | None, chunks: list[str], done: bool, now: float,
+                lease_seconds: float, stats: dict[str, Any] | None, error: str | None) -> Appended:
+    next_seq = job.next_seq
+    if job.status == Status.CANCELLED:
+        return Appended(next_seq, True, model=job.model)
+    if seq is None:
+        seq = next_seq
+    end = seq + len(chunks)
+    if job.status in FINAL:
+        if end <= next_seq and (job.status == Status.DONE or job.error_code == "agent_error"):
+            return Appended(next_seq, False, model=job.model)      # a retried final POST
+        raise Gone(f"the job is already {job.status}", code="job_" + job.status)
+    if job.status == Status.QUEUED:
+        raise Gone("the job went back to the queue", code="job_queued")
+    if seq > next_seq:
+        raise Conflict(f"seq {seq} leaves a gap: the server has {next_seq} chunks",
+                       code="seq_gap", extra={"expected_seq": next_seq})
+    fresh = chunks[next_seq - seq:] if end > next_seq else []
+    if fresh:
+        conn.executemany("INSERT INTO chunks (request_id, seq, text, created_at) VALUES (?, ?, ?, ?)",
+                         [(job.id, next_seq + i, text, now) for i, text in enumerate(fresh)])
+    new_next = next_seq + len(fresh)
+    started = job.status == Status.DELIVERED
+    if job.cancel_requested:
+        conn.execute("UPDATE requests SET status = 'cancelled', next_seq = ?, finished_at = ?, lease_expires = NULL"
+                     " WHERE id = ?", (new_next, now, job.id))
+        return Appended(new_next, True, len(fresh), True, job.model, started)
+    if done:
+        final = Status.FAILED if error else Status.DONE
         conn.execute(
-            """UPDATE requests SET status = 'running', next_seq = ?, lease_expires = ?,
-                   first_token_at = coalesce(first_token_at, CASE WHEN ? THEN ? END) WHERE id = ?""",
-            (new_next, now + lease_seconds, bool(fresh), now, request_id))
-        return Appended(new_next, False, len(fresh), False, model)
+            """UPDATE requests SET status = ?, next_seq = ?, finished_at = ?, lease_expires = NULL,
+                   first_token_at = coalesce(first_token_at, CASE WHEN ? THEN ? END),
+                   stats = ?, error_code = ?, error_message = ? WHERE id = ?""",
+            (final.value, new_next, now, bool(fresh), now, json.dumps(stats) if stats else None,
+             "agent_error" if error else None, error, job.id))
+        return Appended(new_next, False, len(fresh), True, job.model, started)
+    conn.execute(
+        """UPDATE requests SET status = 'running', next_seq = ?, lease_expires = ?,
+               first_token_at = coalesce(first_token_at, CASE WHEN ? THEN ? END) WHERE id = ?""",
+        (new_next, now + lease_seconds, bool(fresh), now, job.id))
+    return Appended(new_next, False, len(fresh), False, job.model, started)
 
 
 def fail_request(db: sqlite_utils.Database, request_id: str, code: str, message: str, now: float) -> bool:

@@ -59,7 +59,7 @@ class Sweeper:
         for item in changed:
             notifier.notify("req:" + item.id)
             if item.outcome == "requeued":
-                notifier.notify("jobs:" + item.model, wake=1)
+                jobs.announce(notifier, item.model)
             log.info("request %s %s", item.id, item.outcome)
         notifier.prune()
         for listener in self.listeners:
