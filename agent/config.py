@@ -240,7 +240,8 @@ def markdown_table() -> str:
     rows = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         default = "required" if s.required else ",".join(s.default) if isinstance(s.default, tuple) else s.default
-        rows.append(f"| `{s.name}` | `{s.flag}` | `{default}` | {s.help} |")
+        shown = "required" if s.required else f"`{default}`" if default != "" else "(empty)"
+        rows.append(f"| `{s.name}` | `{s.flag}` | {shown} | {s.help} |")
     return "\n".join(rows)
 
 

@@ -55,3 +55,11 @@ def test_readme_documents_every_setting():
     documented = set(re.findall(r"`(ORCH_[A-Z_]+)`", README.read_text()))
     missing = [ENV_PREFIX + s.name for s in SETTINGS if ENV_PREFIX + s.name not in documented]
     assert not missing, f"README.md's configuration table lacks {missing}: run python -m server.config"
+
+
+def test_readme_documents_every_agent_setting():
+    from agent.config import SETTINGS as AGENT_SETTINGS
+
+    text = README.read_text()
+    missing = [s.name for s in AGENT_SETTINGS if f"| `{s.name}` |" not in text]
+    assert not missing, f"README.md's agent table lacks {missing}: run python -m agent.config"
