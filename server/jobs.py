@@ -306,7 +306,7 @@ def cancel_abandoned(db: sqlite_utils.Database, now: float, grace: float) -> lis
     """Cancel requests whose last client left more than ``grace`` seconds ago."""
     rows = db.execute(
         f"SELECT id, model FROM requests WHERE client_left_at IS NOT NULL AND client_left_at <= ?"
-        f" AND status NOT IN ({_final_sql()})", (now - grace,)).fetchall()
+        f" AND cancel_requested = 0 AND status NOT IN ({_final_sql()})", (now - grace,)).fetchall()
     changed = []
     for request_id, model in rows:
         status = request_cancel(db, request_id, now)
