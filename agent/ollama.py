@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import threading
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import requests
 
 from agent.backend import BackendError
+from agent.httpstream import HttpChatStream
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 # No byte flows while Ollama loads a model, and its own OLLAMA_LOAD_TIMEOUT is
@@ -55,71 +54,16 @@ class OllamaBackend:
         return OllamaChat(self, model, messages, options)
 
 
-class OllamaChat:
+class OllamaChat(HttpChatStream):
     """One streamed `/api/chat`; `close()` from any thread shuts the socket, which stops Ollama."""
 
+    peer = "Ollama"
+
     def __init__(self, backend: OllamaBackend, model: str, messages: list[dict], options: dict) -> None:
-        self._backend = backend
-        self.model = model
         body: dict = {"model": model, "messages": messages, "stream": True}
         if options:
             body["options"] = options
-        self._body = json.dumps(body, ensure_ascii=False).encode()
-        self._lock = threading.Lock()
-        self._conn: http.client.HTTPConnection | None = None
-        self._closed = False
-        self.stats: dict | None = None
-        self.tokens = 0
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        """Abort the request; a thread blocked reading it wakes up at once."""
-        with self._lock:
-            self._closed = True
-            sock = self._conn.sock if self._conn is not None else None
-        if sock is not None:
-            try:
-                # shutdown, not close: close() would not wake a recv() blocked in another thread.
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def __iter__(self) -> Iterator[str]:
-        conn = self._connect()
-        if conn is None:
-            return
-        try:
-            yield from self._tokens(self._request(conn))
-        except (OSError, http.client.HTTPException) as exc:
-            if not self._closed:
-                raise BackendError(self._lost(exc)) from None
-        finally:
-            conn.close()
-
-    def _connect(self) -> http.client.HTTPConnection | None:
-        parts = urlsplit(self._backend.url)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = kind(parts.hostname, parts.port, timeout=self._backend.connect_timeout)
-        with self._lock:
-            if self._closed:
-                return None
-            self._conn = conn
-        try:
-            conn.connect()
-        except OSError as exc:
-            conn.close()
-            if self._closed:
-                return None
-            raise BackendError(f"Ollama at {self._backend.url} is not reachable: {exc}") from None
-        with self._lock:  # close() may have run while connect() had no socket to shut
-            if self._closed:
-                conn.close()
-                return None
-        conn.sock.settimeout(self._backend.read_timeout)
-        return conn
+        super().__init__(backend, model, body)
 
     def _request(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
         path = urlsplit(self._backend.url).path + "/api/chat"
@@ -148,9 +92,6 @@ class OllamaChat:
                 return
         if not self._closed:
             raise BackendError(self._lost("the stream ended without its final line"))
-
-    def _lost(self, why: object) -> str:
-        return f"the connection to Ollama was lost after {self.tokens} tokens ({why or 'connection closed'})"
 
 
 def _parse_line(line: bytes) -> dict:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -18,6 +16,7 @@ from urllib.parse import urlsplit
 import requests
 
 from agent.backend import BackendError
+from agent.httpstream import HttpChatStream
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 # Nothing flows while the engine loads a model on a cold start: be as patient as with Ollama.
@@ -87,70 +86,15 @@ class OpenAIBackend:
         return OpenAIChat(self, model, messages, options)
 
 
-class OpenAIChat:
+class OpenAIChat(HttpChatStream):
     """One streamed `/v1/chat/completions`; `close()` from any thread shuts the socket, which stops the engine."""
 
+    peer = "the OpenAI-compatible server"
+
     def __init__(self, backend: OpenAIBackend, model: str, messages: list[dict], options: dict) -> None:
-        self._backend = backend
-        self.model = model
         body = {**openai_options(options), "model": model, "messages": messages, "stream": True,
                 "stream_options": {"include_usage": True}}
-        self._body = json.dumps(body, ensure_ascii=False).encode()
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._closed = False
-        self.stats: dict | None = None
-        self.tokens = 0
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        """Abort the request; a thread blocked reading it wakes up at once."""
-        with self._lock:
-            self._closed = True
-            sock = self._sock
-        if sock is not None:
-            try:
-                # shutdown, not close: close() would not wake a recv() blocked in another thread.
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def __iter__(self) -> Iterator[str]:
-        conn = self._connect()
-        if conn is None:
-            return
-        try:
-            yield from self._tokens(self._request(conn))
-        except (OSError, http.client.HTTPException) as exc:
-            if not self._closed:
-                raise BackendError(self._lost(exc)) from None
-        finally:
-            conn.close()
-
-    def _connect(self) -> http.client.HTTPConnection | None:
-        parts = urlsplit(self._backend.url)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = kind(parts.hostname, parts.port, timeout=self._backend.connect_timeout)
-        if self._closed:
-            return None
-        try:
-            conn.connect()
-        except OSError as exc:
-            conn.close()
-            if self._closed:
-                return None
-            raise BackendError(f"the OpenAI-compatible server at {self._backend.url} is not reachable: {exc}") from None
-        with self._lock:
-            if self._closed:  # close() ran while there was no socket to shut
-                conn.close()
-                return None
-            # Our own reference: http.client drops conn.sock when the response says Connection: close.
-            self._sock = conn.sock
-        conn.sock.settimeout(self._backend.read_timeout)
-        return conn
+        super().__init__(backend, model, body)
 
     def _request(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
         path = urlsplit(self._backend.url).path + "/v1/chat/completions"
@@ -196,9 +140,6 @@ class OpenAIChat:
                  "total_duration": now - self._started,
                  "eval_duration": now - first_at if first_at else 0}
         return {k: v for k, v in stats.items() if v is not None}
-
-    def _lost(self, why: object) -> str:
-        return f"the connection to the OpenAI-compatible server was lost after {self.tokens} tokens ({why})"
 
 
 def _sse_data(response: http.client.HTTPResponse) -> Iterator[str]:

@@ -48,18 +48,8 @@ class OpenAIRoutes:
         options.update({AS_OPTIONS[k]: v for k, v in body.items() if k in AS_OPTIONS and v is not None})
         prompt = chat_prompt(messages)
         plan = build_plan(self.server.config, canonical_model(model), prompt, options)
-        started_ns, now, started_t = time.perf_counter_ns(), time.monotonic(), time.time()
-        ready = max(now, self.server.ready_at(canonical_model(model), now))
-        turn = Turn(self.server.emit_log.next_request(), "openai", model, prompt, plan, ready,
-                    int((ready - now) * 1e9), started_ns)
-        self._req = turn.req
         stream = body.get("stream") is True
-        tag = body.get("sim_tag")
-        self.server.emit_log.record("start", turn.req, t=started_t, model=model, endpoint="openai", stream=stream,
-                                    **({"tag": tag} if isinstance(tag, str) else {}))
-        if plan.status is not None:
-            self.server.emit_log.record("error", turn.req, kind="status", status=plan.status)
-            raise SimError(plan.status, f"simulated status {plan.status}")
+        turn = self._start("openai", model, prompt, plan, stream, body.get("sim_tag"))
         usage = (body.get("stream_options") or {}).get("include_usage") is True
         if stream:
             self._openai_stream(turn, usage)
@@ -103,15 +93,9 @@ class OpenAIRoutes:
             self._drop()
 
     def _openai_whole(self, turn: Turn) -> None:
+        if not self._await_whole(turn):
+            return
         plan = turn.plan
-        stop = len(plan.tokens) if plan.fault_at is None else plan.fault_at
-        if not self._await_client(turn.ready + plan.offsets[stop]):
-            return self._client_gone(turn, stop)
-        if plan.fault is not None:
-            self.server.emit_log.record("error", turn.req, kind=plan.fault, i=stop)
-            if plan.fault == "drop":
-                return self._drop()
-            raise SimError(500, "simulated failure")
         message = {"role": "assistant", "content": "".join(plan.tokens)}
         answer = {**_completion(turn), "object": "chat.completion", "usage": _usage(turn),
                   "choices": [{"index": 0, "message": message, "finish_reason": plan.done_reason}]}

@@ -35,6 +35,7 @@ from agent.simplan import (
     DEFAULT_MODELS,
     DEFAULT_SEED,
     DEFAULT_TOKENS,
+    Plan,
     SimConfig,
     SimError,
     build_plan,
@@ -197,25 +198,29 @@ class SimulatorHandler(OpenAIRoutes, BaseHTTPRequestHandler):
         if not isinstance(options, dict):
             raise SimError(400, "options must be an object")
         plan = build_plan(self.server.config, name, prompt, options)
-        # One instant for every clock, so a token's logged `t` is never before start `t` + its offset.
-        started_ns, now, started_t = time.perf_counter_ns(), time.monotonic(), time.time()
-        ready = max(now, self.server.ready_at(name, now))
-        turn = Turn(self.server.emit_log.next_request(), kind, model, prompt, plan, ready,
-                    int((ready - now) * 1e9), started_ns)
-        self._req = turn.req
         stream = body.get("stream") is not False
-        tag = options.get("sim_tag")
-        self.server.emit_log.record("start", turn.req, t=started_t, model=model, endpoint=kind, stream=stream,
-                                    **({"tag": tag} if isinstance(tag, str) else {}))
-        if plan.status is not None:
-            self.server.emit_log.record("error", turn.req, kind="status", status=plan.status)
-            raise SimError(plan.status, f"simulated status {plan.status}")
+        turn = self._start(kind, model, prompt, plan, stream, options.get("sim_tag"))
         if loading:
             self._answer_load(turn, body.get("keep_alive") == 0)
         elif stream:
             self._stream(turn)
         else:
             self._answer_whole(turn)
+
+    def _start(self, kind: str, model: str, prompt: str, plan: Plan, stream: bool, tag: object) -> Turn:
+        """Log a request's start and return its turn; raises `SimError` for the plan's simulated status."""
+        # One instant for every clock, so a token's logged `t` is never before start `t` + its offset.
+        started_ns, now, started_t = time.perf_counter_ns(), time.monotonic(), time.time()
+        ready = max(now, self.server.ready_at(canonical_model(model), now))
+        turn = Turn(self.server.emit_log.next_request(), kind, model, prompt, plan, ready,
+                    int((ready - now) * 1e9), started_ns)
+        self._req = turn.req
+        self.server.emit_log.record("start", turn.req, t=started_t, model=model, endpoint=kind, stream=stream,
+                                    **({"tag": tag} if isinstance(tag, str) else {}))
+        if plan.status is not None:
+            self.server.emit_log.record("error", turn.req, kind="status", status=plan.status)
+            raise SimError(plan.status, f"simulated status {plan.status}")
+        return turn
 
     def _answer_load(self, turn: Turn, unload: bool) -> None:
         # Ollama's documented "load a model" request: no tokens, one object, even when streaming.
@@ -262,17 +267,27 @@ class SimulatorHandler(OpenAIRoutes, BaseHTTPRequestHandler):
             self._drop()
 
     def _answer_whole(self, turn: Turn) -> None:
+        if self._await_whole(turn):
+            self._send(200, turn.final("".join(turn.plan.tokens)).rstrip(b"\n"))
+            self.server.emit_log.record("done", turn.req, done_reason=turn.plan.done_reason)
+
+    def _await_whole(self, turn: Turn) -> bool:
+        """Wait until a non-streamed answer is complete; False when there is nothing to send.
+
+        A planned fault drops the connection or raises `SimError` 500.
+        """
         plan = turn.plan
         stop = len(plan.tokens) if plan.fault_at is None else plan.fault_at
         if not self._await_client(turn.ready + plan.offsets[stop]):
-            return self._client_gone(turn, stop)
+            self._client_gone(turn, stop)
+            return False
         if plan.fault is not None:
             self.server.emit_log.record("error", turn.req, kind=plan.fault, i=stop)
             if plan.fault == "drop":
-                return self._drop()
+                self._drop()
+                return False
             raise SimError(500, "simulated failure")
-        self._send(200, turn.final("".join(plan.tokens)).rstrip(b"\n"))
-        self.server.emit_log.record("done", turn.req, done_reason=plan.done_reason)
+        return True
 
     def _client_gone(self, turn: Turn, i: int) -> None:
         self.close_connection = True
