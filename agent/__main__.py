@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The reader of Ollama, the batcher's sender and the poll loop are threads;
+    # CPython's 5 ms switch interval would let one hold a token back that long.
+    sys.setswitchinterval(0.0005)
     try:
         return build_worker(config).work()
     except StartupError as exc:

@@ -149,7 +149,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BATCH_MAX_TOKENS", 5, "Tokens per POST at most (fixed mode).", _count),
     Setting("BATCH_MAX_DELAY", 0.05, "Seconds a token may wait for others before its POST (fixed mode).",
             _number(0)),
-    Setting("BATCH_MODE", "fixed", "`fixed` (coalesce up to BATCH_MAX_TOKENS / BATCH_MAX_DELAY) or "
+    Setting("BATCH_MODE", "adaptive", "`fixed` (coalesce up to BATCH_MAX_TOKENS / BATCH_MAX_DELAY) or "
             "`adaptive` (post at once when no POST is in flight).", _batch_mode),
     Setting("SHUTDOWN_TIMEOUT", 30.0, "Seconds running jobs get to finish after SIGTERM/SIGINT.", _number(0)),
     Setting("LEGACY", False, "Behave like the old agent (benchmark baseline): 1.5 s poll, one POST per "
@@ -175,7 +175,7 @@ class AgentConfig:
     models: tuple[str, ...] = ()
     batch_max_tokens: int = 5
     batch_max_delay: float = 0.05
-    batch_mode: str = "fixed"
+    batch_mode: str = "adaptive"
     shutdown_timeout: float = 30.0
     legacy: bool = False
     log_level: str = "INFO"

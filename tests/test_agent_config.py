@@ -19,7 +19,7 @@ def test_defaults_follow_the_issue():
     assert config == AgentConfig(agent_id="agt_1", agent_secret="s3cret")
     assert (config.api_base, config.ollama_url) == ("http://127.0.0.1:8000", "http://127.0.0.1:11434")
     assert (config.poll_interval, config.long_poll, config.max_jobs, config.models) == (0.1, 0.0, 1, ())
-    assert (config.batch_max_tokens, config.batch_max_delay, config.batch_mode) == (5, 0.05, "fixed")
+    assert (config.batch_max_tokens, config.batch_max_delay, config.batch_mode) == (5, 0.05, "adaptive")
     assert (config.shutdown_timeout, config.legacy) == (30.0, False)
 
 
