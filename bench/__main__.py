@@ -1,0 +1,160 @@
+"""`python -m bench` (`make bench ARGS=...`): latency before and after the retrofit, measured here in one run.
+
+Prints the Markdown tables on stdout, writes the raw results as JSON, the
+tables as Markdown and a PNG into --out, and exits 1 if any token was lost or
+duplicated or any chat failed (the tables still show which).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.configs import CONFIGURATIONS, Configuration, networks, variant
+from bench.processes import ROOT, StartError
+from bench.report import evaluate, git_revision, machine, markdown, now_iso, summaries, write_json
+from bench.runner import BenchRun, RunOptions, RunResults
+from bench.workload import PROFILES
+
+NETWORKS = ("loopback", "wan")
+DEFAULT_OUT = ROOT / "bench" / "results"
+
+
+def _names(allowed: tuple[str, ...] | list[str]):
+    def parse(value: str) -> list[str]:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)}")
+        return list(dict.fromkeys(names))
+    return parse
+
+
+def _variant(value: str) -> Configuration:
+    try:
+        return variant(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _concurrency(value: str) -> tuple[int, int]:
+    if value.strip() == "0":
+        return 0, 1
+    try:
+        chats, agents = (int(part) for part in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected CHATSxAGENTS, e.g. 20x4, or 0") from None
+    if chats < 1 or agents < 1:
+        raise argparse.ArgumentTypeError("chats and agents must be at least 1")
+    return chats, agents
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--profile", choices=sorted(PROFILES), default="seed",
+        help="; ".join(f"{p.name}: {p.help}" for p in PROFILES.values()) + " (default: %(default)s)")
+    add("--requests", type=int, default=10, help="sequential chats per configuration and network "
+        "(default: %(default)s)")
+    add("--network", type=_names(NETWORKS), default=list(NETWORKS),
+        help="comma-separated: loopback, wan (agents reach the server through the delay proxy) "
+        "(default: loopback,wan)")
+    add("--rtt", type=float, default=40.0, help="round trip of the emulated WAN, ms (default: %(default)s)")
+    add("--configs", type=_names(list(CONFIGURATIONS)), default=list(CONFIGURATIONS),
+        help=f"comma-separated configurations (default: {','.join(CONFIGURATIONS)})")
+    add("--variant", type=_variant, action="append", default=[], metavar="NAME=BASE:KEY=VALUE,...",
+        help="also run configuration BASE with these agent (or ORCH_* server) settings, e.g. "
+        "batch100=after+longpoll:BATCH_MAX_DELAY=0.1; repeatable")
+    add("--concurrent", type=_concurrency, default=(20, 4), metavar="CHATSxAGENTS",
+        help="one batch of CHATS chats at once per configuration, over AGENTS agents; 0 = none (default: 20x4)")
+    add("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON, Markdown and PNG "
+        "(default: bench/results)")
+    add("--keep", action="store_true", help="keep the work directory (databases, process logs) even on success")
+    args = parser.parse_args(argv)
+    if args.requests < 1:
+        parser.error("--requests must be at least 1")
+    if args.rtt < 0:
+        parser.error("--rtt must not be negative")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = RunOptions(PROFILES[args.profile], [CONFIGURATIONS[n] for n in args.configs] + args.variant,
+                         networks(args.network, args.rtt), args.requests, *args.concurrent)
+    meta = _meta(args, sys.argv[1:] if argv is None else argv)
+    workdir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
+    started = time.monotonic()
+    try:
+        with BenchRun(options, workdir) as run:
+            results = run.run()
+    except StartError as exc:
+        print(f"bench: {exc}\nbench: logs and databases kept in {workdir}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nbench: interrupted; logs kept in {workdir}", file=sys.stderr)
+        return 130
+    meta.update(duration_s=round(time.monotonic() - started, 1), load_average_after=_load())
+
+    rows = summaries(results.chats, results.windows)
+    evaluated = evaluate(rows, args.rtt)
+    text = markdown(rows, evaluated, meta, {c.name: c.claims for c in options.configs})
+    print(text)
+    _write(args.out / f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{args.profile}", text, meta, rows, evaluated,
+           results, args.network)
+    return _verdict(results, workdir, args.keep)
+
+
+def _meta(args: argparse.Namespace, argv: list[str]) -> dict:
+    chats, agents = args.concurrent
+    return {"date": now_iso(), "machine": machine(), "revision": git_revision(),
+            "command": shlex.join(["python", "-m", "bench", *argv]), "profile": vars(PROFILES[args.profile]),
+            "rtt_ms": args.rtt, "requests": args.requests, "concurrent": {"chats": chats, "agents": agents},
+            "load_average_before": _load()}
+
+
+def _write(stem: Path, text: str, meta: dict, rows: list[dict], evaluated: list[dict], results: RunResults,
+           network_names: list[str]) -> None:
+    """The JSON, the Markdown and (with matplotlib) the PNG, side by side."""
+    from bench.plot import write_png
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    write_json(stem.with_suffix(".json"), meta, rows, evaluated, results.chats, results.windows)
+    stem.with_suffix(".md").write_text(text, encoding="utf-8")
+    png = write_png(stem.with_suffix(".png"), results.chats, network_names)
+    print(f"bench: {len(results.chats)} chats in {meta['duration_s']:.0f} s; wrote {stem}.json, .md"
+          + (", .png" if png else " (no PNG: install the bench extra, `pip install -e '.[bench]'`)"),
+          file=sys.stderr)
+
+
+def _verdict(results: RunResults, workdir: Path, keep: bool) -> int:
+    """1, loudly, if any chat lost or duplicated a token or failed; the work directory stays for its logs."""
+    bad = [c for c in results.chats if not c.ok]
+    if bad:
+        print(f"bench: FAILED: {len(bad)} chat(s) lost or duplicated tokens or failed "
+              f"(logs kept in {workdir}):", file=sys.stderr)
+        for chat in bad[:20]:
+            print(f"  {chat.tag}: {chat.error or ''} lost {chat.lost}, duplicated {chat.duplicated}, "
+                  f"delivered {chat.delivered}/{chat.expected}", file=sys.stderr)
+        return 1
+    if keep:
+        print(f"bench: work directory kept: {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

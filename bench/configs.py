@@ -1,0 +1,96 @@
+"""The configurations the benchmark compares, the networks it runs them over, and the diagnosis' claims.
+
+Every agent setting is pinned here, not left to the agent's defaults, so a run
+measures what its row says even after a default changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Claims:
+    """The diagnosis' figures for one configuration (seed profile, ms); None where it claimed nothing."""
+
+    ttft_ms: float | None = None
+    gap_ms: float | None = None
+    total_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """How the server and its agents run; `direct` has neither (the client reads the simulator)."""
+
+    name: str
+    help: str
+    server_env: dict[str, str] | None = None
+    agent_env: dict[str, str] = field(default_factory=dict)
+    agent_args: tuple[str, ...] = ()
+    claims: Claims = Claims()
+
+    @property
+    def direct(self) -> bool:
+        return self.server_env is None
+
+
+# The design card's retrofit: 100 ms short poll, TokenBatcher 5 tokens / 50 ms, keep-alive (the agent's
+# client always reuses connections outside --legacy), the in-process condition notifier.
+RETROFIT_AGENT = {"POLL_INTERVAL": "0.1", "LONG_POLL": "0", "BATCH_MAX_TOKENS": "5", "BATCH_MAX_DELAY": "0.05",
+                  "BATCH_MODE": "fixed"}
+# Long enough that an idle agent costs one request per 25 s, short enough to stay under the server's
+# ORCH_MAX_LONG_POLL (30 s) and the idle timeouts of common proxies and NATs (60 s and more).
+LONG_POLL_SECONDS = "25"
+
+CONFIGURATIONS = {
+    c.name: c
+    for c in (
+        Configuration("direct", "the client reads the Ollama simulator itself: the floor",
+                      claims=Claims(1000, 20, 2980)),
+        Configuration("before", "legacy agent (--legacy: 1.5 s poll, one POST per token, a new connection per "
+                      "request) and the server's 100 ms database poll (ORCH_NOTIFIER=poll)",
+                      {"ORCH_NOTIFIER": "poll"}, {}, ("--legacy",),
+                      Claims(2720, 170, 17000)),
+        Configuration("after", "the retrofit: 100 ms poll, batches of 5 tokens / 50 ms, keep-alive, "
+                      "condition notifier", {"ORCH_NOTIFIER": "condition"}, RETROFIT_AGENT,
+                      claims=Claims(1220, 26, 3600)),
+        Configuration("after+longpoll", f"the retrofit with LONG_POLL={LONG_POLL_SECONDS}",
+                      {"ORCH_NOTIFIER": "condition"}, {**RETROFIT_AGENT, "LONG_POLL": LONG_POLL_SECONDS},
+                      claims=Claims(ttft_ms=1000)),
+        Configuration("adaptive", "after+longpoll with BATCH_MODE=adaptive (post as soon as no POST is in "
+                      "flight)", {"ORCH_NOTIFIER": "condition"},
+                      {**RETROFIT_AGENT, "LONG_POLL": LONG_POLL_SECONDS, "BATCH_MODE": "adaptive"}),
+    )
+}
+
+
+def variant(spec: str) -> Configuration:
+    """`NAME=BASE:KEY=VALUE,...`: configuration BASE with agent settings changed (`ORCH_*` keys go to the server).
+
+    For example `batch100=after+longpoll:BATCH_MAX_DELAY=0.1`. Raises ValueError with a one-line reason.
+    """
+    name, _, rest = spec.partition("=")
+    base_name, _, settings = rest.partition(":")
+    base = CONFIGURATIONS.get(base_name)
+    if not name or name in CONFIGURATIONS or base is None or base.direct:
+        raise ValueError(f"expected NAME=BASE:KEY=VALUE,... with a new NAME and BASE one of "
+                         f"{', '.join(n for n, c in CONFIGURATIONS.items() if not c.direct)}")
+    agent_env, server_env = dict(base.agent_env), dict(base.server_env)
+    for item in filter(None, settings.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        (server_env if key.startswith("ORCH_") else agent_env)[key.strip()] = value.strip()
+    return replace(base, name=name, help=f"{base.name} with {settings}", server_env=server_env,
+                   agent_env=agent_env, claims=Claims())
+
+
+@dataclass(frozen=True)
+class Network:
+    """The path between agents and the server: loopback, or a WAN emulated by the delay proxy."""
+
+    name: str
+    rtt_ms: float
+
+
+def networks(names: list[str], rtt_ms: float) -> list[Network]:
+    return [Network(name, 0.0 if name == "loopback" else rtt_ms) for name in names]

@@ -1,0 +1,127 @@
+"""The latency benchmark: every configuration completes without losing a token, and the report is whole.
+
+Timings are the benchmark's output, never asserted here: this machine's load is not the code's fault.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agent.simtokens import expected_text
+from bench.client import Token, Trace, stream_ollama
+from bench.configs import CONFIGURATIONS
+from bench.logs import AccessLog
+from bench.metrics import SUMMARY_FIELDS, ChatResult, measure_chat
+from bench.processes import ROOT, launch_proxy
+from bench.report import COST_COLUMNS, LATENCY_COLUMNS
+
+QUICK_RUN = ["--profile", "quick", "--network", "loopback", "--requests", "2", "--concurrent", "4x2"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`python -m bench` on the quick profile, on loopback: its exit status, stdout and JSON."""
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, "-m", "bench", *QUICK_RUN, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=110)
+    results = sorted(out.glob("bench-*.json"))
+    return done, json.loads(results[-1].read_text()) if results else None
+
+
+@pytest.mark.timeout(120)
+def test_quick_run_completes_every_configuration_without_losing_a_token(quick_run):
+    done, results = quick_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {(r["config"], r["case"]): r for r in results["summary"]}
+    for config in CONFIGURATIONS:
+        for case, chats in (("sequential", 2), ("concurrent", 4)):
+            row = rows[(config, case)]
+            assert (row["chats"], row["failed"], row["lost"], row["duplicated"]) == (chats, 0, 0, 0), row
+            assert row["tokens"] == chats * 100
+
+
+@pytest.mark.timeout(120)
+def test_quick_run_reports_every_column(quick_run):
+    done, results = quick_run
+    header_lines = [line for line in done.stdout.splitlines() if line.startswith("| configuration |")]
+    assert len(header_lines) == 2
+    for columns, header in ((LATENCY_COLUMNS, header_lines[0]), (COST_COLUMNS, header_lines[1])):
+        assert [cell.strip() for cell in header.strip("|").split("|")] == [name for name, _ in columns]
+    for row in results["summary"]:
+        assert list(row) == list(SUMMARY_FIELDS)
+    assert {"date", "machine", "command", "profile"} <= set(results["meta"])
+    assert results["chats"] and results["windows"]
+
+
+def _records(texts: list[str]) -> list[dict]:
+    return ([{"event": "start", "req": 1, "t": 100.0}]
+            + [{"event": "token", "req": 1, "i": i, "text": text, "t": 101.0 + i} for i, text in enumerate(texts)]
+            + [{"event": "done", "req": 1, "t": 110.0}])
+
+
+def _trace(received: list[tuple[int | None, str]]) -> Trace:
+    return Trace(99.0, [Token(102.0 + n, text, seq) for n, (seq, text) in enumerate(received)], done=True)
+
+
+def _measured(texts, received) -> ChatResult:
+    return measure_chat(ChatResult("after", "loopback", "sequential", 0, "t"), _trace(received), _records(texts))
+
+
+def test_every_token_received_once_is_neither_lost_nor_duplicated():
+    chat = _measured(["a", " b", " c"], [(0, "a"), (1, " b"), (2, " c")])
+    assert (chat.delivered, chat.lost, chat.duplicated, chat.ok) == (3, 0, 0, True)
+
+
+def test_a_missing_token_counts_as_lost_with_everything_after_it():
+    chat = _measured(["a", " b", " c"], [(0, "a"), (2, " c")])
+    assert (chat.delivered, chat.lost, chat.ok) == (1, 2, False)
+
+
+def test_a_repeated_event_id_counts_as_duplicated():
+    chat = _measured(["a", " b"], [(0, "a"), (0, "a"), (1, " b")])
+    assert (chat.delivered, chat.lost, chat.duplicated, chat.ok) == (2, 0, 1, False)
+
+
+def test_text_beyond_the_answer_counts_as_duplicated():
+    chat = _measured(["a", " b"], [(None, "a"), (None, " b"), (None, " b")])
+    assert (chat.delivered, chat.lost, chat.duplicated) == (2, 0, 1)
+
+
+def test_a_batch_of_tokens_in_one_event_gives_each_token_that_event_s_arrival():
+    chat = _measured(["a", " b", " c"], [(0, "a b"), (1, " c")])
+    assert (chat.delivered, chat.lost) == (3, 0)
+    assert chat.arrived_ms[0] == chat.arrived_ms[1] != chat.arrived_ms[2]
+
+
+def test_agent_requests_are_counted_from_the_access_log_since_the_last_look(tmp_path):
+    path = tmp_path / "access.log"
+    path.write_text("GET /api/v1/inference/poll 204 5000\n")
+    log = AccessLog(path)
+    log.skip()
+    with path.open("a") as f:
+        f.write("GET /api/v1/inference/poll 200 5000\nPOST /api/v1/chat/stream 200 6000\n"
+                "POST /api/v1/inference/stream 200 5000\nPOST /api/v1/inference/stream 200 5002\nPOST /api/v1/inf")
+    assert log.agent_requests() == (3, 2)  # the half-written line waits for its end
+    assert log.agent_requests() == (0, 0)
+
+
+def test_the_delay_proxy_relays_kept_alive_requests_and_streams_intact(tmp_path, simulator):
+    proxy = launch_proxy(tmp_path, "test", simulator.url, rtt_ms=10)
+    try:
+        url = proxy.read_listening_url()
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        for _ in range(2):
+            conn.request("GET", "/api/version")
+            assert conn.getresponse().read() == b'{"version":"0.0.0-simulator"}'
+        conn.close()
+        payload = {"model": "sim", "messages": [{"role": "user", "content": "through the proxy"}]}
+        trace = stream_ollama(url, payload)
+        assert trace.done and trace.error is None
+        assert "".join(t.text for t in trace.tokens) == expected_text(0, 30, "sim", "through the proxy")
+    finally:
+        proxy.stop()
