@@ -247,6 +247,14 @@ class Worker:
             log.warning("%s: could not report job %s as failed: %s", self.name, exc.job_id, error)
 
     def _start(self, job: Job) -> None:
+        with self._lock:
+            running = job.id in self._running
+        if running:
+            # Our acknowledgement came too late: the server requeued the job and handed it back to us. The run
+            # here still holds it (same agent), and a second one would interleave two generations by seq.
+            log.warning("%s: job %s handed out again while it runs here; the running one carries on",
+                        self.name, job.id)
+            return
         stream = self.backend.chat(job.model, job.messages, job.options)
         run = JobRun(job, stream, self._make_poster, self._job_finished, name=self.name)
         with self._lock:

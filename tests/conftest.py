@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from agent.config import SETTINGS
 from server import create_app
-from server.agents import AgentCredentials, add_agent
+from server.agents import AgentCredentials, add_agent, online
 from server.db import connect
 from server.signing import signed_headers
 
@@ -224,3 +225,66 @@ def simulator(tmp_path):
     sim = start_simulator(tmp_path, "--first-token-ms", "20", "--interval-ms", "5", "--tokens", "30")
     yield sim
     sim.stop()
+
+
+@dataclass
+class AgentProcess:
+    """`python -m agent` as a subprocess."""
+
+    proc: subprocess.Popen
+    log_path: Path
+    creds: AgentCredentials
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def agent_is_online(server: LiveServer, agent_id: str) -> bool:
+    conn = connect(str(server.db_path))
+    try:
+        return any(a["id"] == agent_id for a in online(conn, time.time(), 60))
+    finally:
+        conn.conn.close()
+
+
+def launch_agent(server: LiveServer, ollama_url: str, log_path: Path, name: str, **settings) -> AgentProcess:
+    """Register agent ``name``, start it with ``settings`` (agent environment variables), wait until it is online."""
+    creds = server.add_agent(name)
+    env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS} | {"OLLAMA_HOST"}}
+    env |= {"API_BASE": server.url, "AGENT_ID": creds.id, "AGENT_SECRET": creds.secret, "OLLAMA_URL": ollama_url,
+            "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in settings.items()}}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "agent"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    agent = AgentProcess(proc, log_path, creds)
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"the agent exited: {agent.log()}"
+        return agent_is_online(server, creds.id)
+
+    wait_until(ready, 20, 0.05, f"agent {name} online")
+    return agent
+
+
+@pytest.fixture
+def start_agent(tmp_path):
+    """``start_agent(server, ollama_url, name, **settings)``: an agent process, online; all SIGKILLed at the end."""
+    agents: list[AgentProcess] = []
+
+    def start(server: LiveServer, ollama_url: str, name: str = "agent", **settings) -> AgentProcess:
+        agents.append(launch_agent(server, ollama_url, tmp_path / f"agent-{name}.log", name, **settings))
+        return agents[-1]
+
+    yield start
+    for agent in agents:
+        agent.stop(signal.SIGKILL)

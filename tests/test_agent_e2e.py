@@ -7,18 +7,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import requests
 
 from agent.config import SETTINGS
 from agent.simtokens import chat_prompt, expected_text
-from server.agents import AgentCredentials, list_agents, online
+from server.agents import list_agents
 from server.db import connect
-from tests.conftest import ROOT, LiveServer, start_simulator, wait_until
+from tests.conftest import ROOT, LiveServer, launch_agent, start_simulator, wait_until
 
 SEED = 0  # the simulator's default
 
@@ -29,65 +27,6 @@ def messages(content: str) -> list[dict]:
 
 def expected(content: str, tokens: int, model: str = "sim") -> str:
     return expected_text(SEED, tokens, model, chat_prompt(messages(content)))
-
-
-@dataclass
-class AgentProcess:
-    proc: subprocess.Popen
-    log_path: Path
-    creds: AgentCredentials
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-
-def agent_is_online(server: LiveServer, agent_id: str) -> bool:
-    conn = connect(str(server.db_path))
-    try:
-        return any(a["id"] == agent_id for a in online(conn, time.time(), 60))
-    finally:
-        conn.conn.close()
-
-
-def launch_agent(server: LiveServer, ollama_url: str, log_path: Path, name: str, **settings) -> AgentProcess:
-    creds = server.add_agent(name)
-    env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS} | {"OLLAMA_HOST"}}
-    env |= {"API_BASE": server.url, "AGENT_ID": creds.id, "AGENT_SECRET": creds.secret, "OLLAMA_URL": ollama_url,
-            "PYTHONUNBUFFERED": "1", **{k: str(v) for k, v in settings.items()}}
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agent"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    agent = AgentProcess(proc, log_path, creds)
-
-    def ready() -> bool:
-        assert proc.poll() is None, f"the agent exited: {agent.log()}"
-        return agent_is_online(server, creds.id)
-
-    wait_until(ready, 20, 0.05, f"agent {name} online")
-    return agent
-
-
-@pytest.fixture
-def start_agent(tmp_path):
-    agents: list[AgentProcess] = []
-
-    def start(server: LiveServer, ollama_url: str, name: str = "agent", **settings) -> AgentProcess:
-        agents.append(launch_agent(server, ollama_url, tmp_path / f"agent-{name}.log", name, **settings))
-        return agents[-1]
-
-    yield start
-    for agent in agents:
-        agent.stop(signal.SIGKILL)
 
 
 @dataclass
