@@ -28,6 +28,10 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench $(ARGS)
 
+# One gevent worker holding 2,000 idle long-polling agents while 100 chats stream.
+bench-load: $(STAMP)
+	$(PY) -m bench.load $(ARGS)
+
 # A real model end to end: llama.cpp (built by llama-cpp-python: long on 2 cores)
 # serving SmolLM2-135M-Instruct behind an agent with BACKEND=openai.
 test-real: $(STAMP)

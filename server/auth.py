@@ -8,7 +8,7 @@ from functools import wraps
 
 from flask import current_app, g, request
 
-from . import agents, signing
+from . import agents, body, signing
 from .db import get_db
 from .errors import Unauthorized
 
@@ -34,13 +34,14 @@ def verify_agent() -> str:
     except ValueError:
         raise Unauthorized("X-Agent-Timestamp must be unix seconds", code="bad_timestamp") from None
     skew = current_app.config["SIGNATURE_SKEW"]
-    if abs(time.time() - sent_at) > skew:
+    # In integer nanoseconds: a timestamp of hundreds of digits overflowed a float subtraction (a 500).
+    if abs(time.time_ns() - sent_at * 1_000_000_000) > skew * 1e9:
         raise Unauthorized(f"X-Agent-Timestamp is more than {skew:g} s from the server's clock",
                            code="stale_timestamp")
     secret = agents.secret_for(get_db(), agent_id)
     # One message for unknown agents and bad signatures: don't reveal which ids exist.
     if secret is None or not signing.verify(secret, signature, request.method, _path_and_query(), timestamp,
-                                            request.get_data(cache=True)):
+                                            body.raw_body()):
         raise Unauthorized("bad signature or unknown agent: check AGENT_ID/AGENT_SECRET", code="bad_signature")
     g.agent_id = agent_id
     return agent_id

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import request
 
-from .errors import BadRequest, UnsupportedMediaType
+from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 # Deeper nesting than any valid body of ours: refuse before recursing into it.
 MAX_DEPTH = 32
@@ -16,11 +16,11 @@ def json_object() -> dict[str, Any]:
     """The request body as a JSON object, or a 400/413/415 error."""
     if not request.is_json:
         raise UnsupportedMediaType("the body must be JSON with Content-Type: application/json")
-    raw = request.get_data(cache=True)    # honours MAX_CONTENT_LENGTH (413)
+    raw = raw_body()
     if _too_deep(raw):
         raise BadRequest(f"JSON nested deeper than {MAX_DEPTH} levels", code="invalid_json")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise BadRequest("the body is not valid UTF-8", code="invalid_json") from None
     except (ValueError, RecursionError) as exc:
@@ -28,6 +28,23 @@ def json_object() -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest("the body must be a JSON object", code="invalid_json")
     return value
+
+
+def raw_body() -> bytes:
+    """The body's bytes, or 413 when it is larger than ``MAX_CONTENT_LENGTH``, chunked or not."""
+    raw = request.get_data(cache=True)    # 413 at once for a Content-Length over the limit
+    limit = request.max_content_length
+    # A chunked body has no Content-Length: Werkzeug stops reading at the limit
+    # and returns a silently truncated body; one byte more means it was too large.
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        if request.environ["wsgi.input"].read(1):
+            raise PayloadTooLarge(f"the body is larger than {limit} bytes", code="request_entity_too_large")
+    return raw
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON (RFC 8259) and Ollama do not.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def text(value: Any, name: str, *, allow_empty: bool = False) -> str:

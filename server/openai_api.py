@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from . import body, frontdoor, streaming
 from .auth import api_key_required
@@ -62,12 +63,24 @@ def _render_http_error(exc: HTTPException):
     return _render(OpenAIError(exc.description or exc.name, exc.code or 500))
 
 
+class _AnyPath(PathConverter):
+    """Werkzeug's ``path`` stops at a line feed: no route matched, and the 404 lost OpenAI's shape."""
+
+    regex = "[^/][\\s\\S]*?"
+
+
+@bp.record_once
+def _add_converter(state) -> None:
+    # Recorded before the routes below, so it is in the URL map before they are added.
+    state.app.url_map.converters["any_path"] = _AnyPath
+
+
 def _param_named_in(message: str) -> str | None:
     match = re.match(r"'([^']+)'", message)
     return match.group(1) if match else None
 
 
-@bp.route("/v1/<path:_rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@bp.route("/v1/<any_path:_rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 @api_key_required
 def unknown_route(_rest: str):
     raise OpenAIError(f"Invalid URL ({request.method} {request.path}): this server offers /v1/chat/completions "
@@ -80,7 +93,7 @@ def list_models():
     return {"object": "list", "data": [_model_entry(name) for name in frontdoor.served_models()]}
 
 
-@bp.get("/v1/models/<path:model>")
+@bp.get("/v1/models/<any_path:model>")
 @api_key_required
 def show_model(model: str):
     if model not in frontdoor.served_models():
@@ -130,7 +143,9 @@ def _messages(messages: Any) -> Any:
             content = "".join(_text_part(part, f"messages[{i}].content[{j}]") for j, part in enumerate(content))
         elif content is None and message.get("role") == "assistant":
             content = ""          # an assistant turn that only carried tool calls
-        plain.append({"role": ROLES.get(message.get("role"), message.get("role")), "content": content})
+        role = message.get("role")
+        # A list or object as the role would be unhashable here: leave it for validate_chat to refuse.
+        plain.append({"role": ROLES.get(role, role) if isinstance(role, str) else role, "content": content})
     return plain
 
 
