@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,10 @@ def _code_for(exc: HTTPException) -> str:
     return (exc.name or "error").lower().replace(" ", "_").replace("-", "_")
 
 
+def _is_ollama_path(path: str) -> bool:
+    return path.startswith("/api/") and not path.startswith("/api/v1/")
+
+
 def render(exc: ApiError):
     response = jsonify(exc.envelope())
     response.status_code = exc.status
@@ -87,7 +91,13 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         error = ApiError(exc.description or exc.name, code=_code_for(exc), status=exc.code or 500)
-        response = render(error)
+        if _is_ollama_path(request.path):
+            # Routing errors (unknown /api/show, GET /api/chat) never reach the
+            # Ollama blueprint's handlers; Ollama clients expect {"error": "..."}.
+            response = jsonify({"error": error.message})
+            response.status_code = error.status
+        else:
+            response = render(error)
         if exc.code == 405 and exc.response is None:
             allowed = getattr(exc, "valid_methods", None)
             if allowed:

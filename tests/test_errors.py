@@ -43,3 +43,10 @@ def test_oversized_body_is_a_json_413(client, app, dbconn):
     response = client.post("/api/v1/chat/stream", data=big, headers={"Content-Type": "application/json"})
     assert_envelope(response, 413)
     assert dbconn.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/api/show", 404), ("GET", "/api/chat", 405)])
+def test_routing_errors_on_ollama_paths_use_ollamas_error_shape(client, method, path, status):
+    response = client.open(path, method=method)
+    assert response.status_code == status
+    assert isinstance(response.get_json()["error"], str) and response.get_json()["error"]
