@@ -19,7 +19,9 @@ class ChatStream(Protocol):
     Iteration raises `BackendError` when the engine fails, and simply ends after
     `close()`, which any thread may call at any time (even before iterating) and
     which is what makes the engine stop generating. `stats` is set once the
-    answer ended normally.
+    answer ended normally. A stream may also offer `send()`, which writes the
+    request without waiting for the answer (`agent.httpstream`); `JobRun`
+    calls it before anything else.
     """
 
     stats: dict | None

@@ -1,8 +1,10 @@
 """A streamed chat over one HTTP connection that any thread can abort: what the Ollama and OpenAI backends share.
 
-`HttpChatStream` connects, hands the connection to its subclass's `_request`
-and yields what the subclass's `_tokens` reads from the response; `close()`
-shuts the socket down, which stops the engine generating.
+`HttpChatStream` connects, lets its subclass's `_send_request` write the
+request and `_response` check the answer's headers, and yields what the
+subclass's `_tokens` reads from the response; `close()` shuts the socket
+down, which stops the engine generating. `send()` does the first part alone,
+so a job can start the engine before anything else runs.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ class HttpChatStream:
         self._body = json.dumps(body, ensure_ascii=False).encode()
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._conn: http.client.HTTPConnection | None = None
+        self._sent = False
         self._closed = False
         self.stats: dict | None = None
         self.tokens = 0
@@ -56,20 +60,45 @@ class HttpChatStream:
             except OSError:
                 pass
 
-    def __iter__(self) -> Iterator[str]:
+    def send(self) -> None:
+        """Connect and write the request now; iterating reads the answer (and sends first if this was not called).
+
+        Raises `BackendError`; does nothing after `close()` or a first call.
+        """
+        if self._sent:
+            return
+        self._sent = True
         conn = self._connect()
         if conn is None:
             return
         try:
-            yield from self._tokens(self._request(conn))
+            self._send_request(conn)
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if not self._closed:
+                raise BackendError(self._lost(exc)) from None
+            return
+        self._conn = conn
+
+    def __iter__(self) -> Iterator[str]:
+        self.send()
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            yield from self._tokens(self._response(conn))
         except (OSError, http.client.HTTPException) as exc:
             if not self._closed:
                 raise BackendError(self._lost(exc)) from None
         finally:
             conn.close()
 
-    def _request(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
-        """Send the request on `conn` and return its response once the headers say it succeeded."""
+    def _send_request(self, conn: http.client.HTTPConnection) -> None:
+        """Write the request on `conn`."""
+        raise NotImplementedError
+
+    def _response(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+        """The response on `conn`, once its headers say the request succeeded."""
         raise NotImplementedError
 
     def _tokens(self, response: http.client.HTTPResponse) -> Iterator[str]:

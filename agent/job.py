@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 30.0
 MIN_HEARTBEAT_INTERVAL = 0.5
+UNEXPECTED_ERROR = "the agent failed unexpectedly; see its log"
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,14 @@ class JobOutcome(StrEnum):
 class JobRun:
     """Streams one job's answer from the backend into a poster, on its own thread.
 
-    The first POST (an empty heartbeat) goes out at once: it acknowledges delivery.
-    Heartbeats follow whenever no token came for a third of the lease, which keeps
-    the job through minutes of model loading. When the server cancels or takes the
+    The first POST (an empty heartbeat) acknowledges delivery. It goes out right
+    after the request to the backend is written: sent first, it and the poster's
+    thread competed with that request for the GIL (make bench, loopback: pickup
+    p50 ~15 -> ~10 ms with the client's proxy change). A backend slow to accept
+    the connection delays it as long, at most its connect timeout (5 s, like the
+    server's delivery lease): Ollama normally runs on the same host. Heartbeats
+    follow whenever no token came for a third of the lease, which keeps the job
+    through minutes of model loading. When the server cancels or takes the
     job back, the poster's `on_cancel` closes the backend stream, which stops Ollama.
     """
 
@@ -89,7 +95,8 @@ class JobRun:
         self.job = job
         self.name = name
         self._stream = stream
-        self._poster = make_poster(job.id, stream.close)
+        self._make_poster = make_poster
+        self._poster: Poster | None = None  # made in run(), once the backend has the request
         self._on_finished = on_finished
         self._abort_reason: str | None = None
         self._stopped = threading.Event()
@@ -110,13 +117,15 @@ class JobRun:
         started = time.monotonic()
         outcome = JobOutcome.FAILED
         heartbeats = threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.job.id[:12]}", daemon=True)
+        send_error = self._send_request()
+        self._poster = self._make_poster(self.job.id, self._stream.close)
         try:
             self._poster.heartbeat()
             heartbeats.start()
-            outcome = self._stream_answer()
+            outcome = self._stream_answer(send_error)
         except Exception:
             log.exception("%s: job %s crashed; reporting it as failed", self.name, self.job.id)
-            self._poster.finish(error="the agent failed unexpectedly; see its log")
+            self._poster.finish(error=UNEXPECTED_ERROR)
         finally:
             self._stopped.set()
             self._stream.close()
@@ -133,10 +142,24 @@ class JobRun:
                  self.name, self.job.id, outcome, now - started, tokens, self._poster.sent_requests, self.job.model,
                  rate, f"{first - started:.3f} s" if first is not None else "-")
 
-    def _stream_answer(self) -> str:
-        error = None
+    def _send_request(self) -> str | None:
+        """Have the backend start now when its stream can (`send()`); returns the error that stopped it."""
+        send = getattr(self._stream, "send", None)
+        if send is None:
+            return None  # the request goes out when iterating
         try:
-            for token in self._stream:
+            send()
+        except BackendError as exc:
+            log.warning("%s: job %s failed in the backend: %s", self.name, self.job.id, exc)
+            return str(exc)
+        except Exception:
+            log.exception("%s: job %s crashed sending its request; reporting it as failed", self.name, self.job.id)
+            return UNEXPECTED_ERROR
+        return None
+
+    def _stream_answer(self, error: str | None = None) -> str:
+        try:
+            for token in () if error else self._stream:
                 self._last_token_at = time.monotonic()
                 if self._first_token_at is None:
                     self._first_token_at = self._last_token_at

@@ -65,9 +65,11 @@ class OllamaChat(HttpChatStream):
             body["options"] = options
         super().__init__(backend, model, body)
 
-    def _request(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+    def _send_request(self, conn: http.client.HTTPConnection) -> None:
         path = urlsplit(self._backend.url).path + "/api/chat"
         conn.request("POST", path, self._body, {"Content-Type": "application/json"})
+
+    def _response(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
         response = conn.getresponse()
         if response.status != 200:
             raise BackendError(f"Ollama answered {response.status}: {_error_message(response.read(MAX_LINE))}")

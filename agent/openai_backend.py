@@ -96,10 +96,12 @@ class OpenAIChat(HttpChatStream):
                 "stream_options": {"include_usage": True}}
         super().__init__(backend, model, body)
 
-    def _request(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+    def _send_request(self, conn: http.client.HTTPConnection) -> None:
         path = urlsplit(self._backend.url).path + "/v1/chat/completions"
         conn.request("POST", path, self._body, self._backend.headers())
         self._started = time.perf_counter_ns()
+
+    def _response(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
         response = conn.getresponse()
         if response.status != 200:
             raise BackendError(f"the server answered {response.status}: {_error_message(response.read(MAX_LINE))}")
