@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	bash .ci/install-browser
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check server agent tests bench
