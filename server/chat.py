@@ -1,4 +1,4 @@
-"""The native chat API: SSE streams, resume, history.
+"""The native chat API: SSE streams, resume, history, cancellation.
 
 The default event format is the legacy server's, byte for byte, because
 existing frontends parse it line by line::
@@ -19,6 +19,7 @@ appear only when the client asks with ``"status_events": true``.
 from __future__ import annotations
 
 import json
+import time
 
 from flask import Blueprint, current_app, jsonify, request
 
@@ -91,6 +92,19 @@ def show(request_id: str):
         "timings": {"queued_at": record["created_at"], "assigned_at": record["assigned_at"],
                     "first_token_at": record["first_token_at"], "done_at": record["finished_at"]},
     })
+
+
+@bp.delete("/api/v1/chat/<request_id>")
+@api_key_required
+def cancel(request_id: str):
+    """Cancel at once (a Stop button): a queued job leaves the queue, a running one stops at its agent's next POST."""
+    _existing(request_id)
+    status = jobs.request_cancel(get_db(), request_id, time.time())
+    if status is not None:
+        current_notifier().notify("req:" + request_id)
+    record = _existing(request_id)
+    return jsonify({"id": request_id, "status": record["status"],
+                    "cancel_requested": bool(record["cancel_requested"])})
 
 
 def _existing(request_id: str) -> dict:

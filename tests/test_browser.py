@@ -242,7 +242,8 @@ def test_chat_page_streams_the_simulators_exact_text(start_network, page, tmp_pa
 
 
 def test_stop_aborts_the_stream_and_cancels_the_job(start_network, page, tmp_path):
-    network = start_network(ORCH_CANCEL_GRACE="1")  # the default 5 s only makes the test slower
+    # A grace far beyond the deadline below: the Stop button's DELETE must cancel, not the disconnect.
+    network = start_network(ORCH_CANCEL_GRACE="120")
     page.goto(network.url + "/")
 
     answer = ask(page, "Talk for a long time", {"sim_tokens": 5000, "sim_interval_ms": 20})

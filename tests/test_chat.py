@@ -281,3 +281,34 @@ def test_waiting_stream_runs_no_query_unless_legacy_polling(app, agent, agent_cr
         assert (idle_reads, woken_reads) == (1, 2)
     else:
         assert idle_reads > 3, "the statement hook should see the legacy poll loop"
+
+
+# --- cancelling explicitly --------------------------------------------------
+
+def test_delete_cancels_a_queued_chat_so_no_agent_gets_it(client, agent):
+    response = client.post("/api/v1/chat/stream", json=CHAT)
+    request_id = response.headers["X-Request-Id"]
+    cancelled = client.delete(f"/api/v1/chat/{request_id}")
+    assert cancelled.status_code == 200
+    assert cancelled.get_json()["status"] == "cancelled"
+    assert response.get_data().decode().endswith(
+        'event: error\ndata: {"error": {"code": "cancelled", "message": "the request was cancelled"}}\n\n')
+    assert agent.poll() is None
+
+
+def test_delete_of_a_running_chat_tells_its_agent_to_stop(client, agent):
+    response = client.post("/api/v1/chat/stream", json=CHAT)
+    job = agent.poll()
+    agent.post(job["id"], 0, ["a"])
+    assert client.delete(f"/api/v1/chat/{job['id']}").get_json()["cancel_requested"] is True
+    assert agent.post(job["id"], 1, ["b"])["cancelled"] is True
+    assert response.get_data().decode().endswith('"code": "cancelled", "message": "the request was cancelled"}}\n\n')
+
+
+def test_delete_of_an_unknown_chat_is_404_and_of_a_finished_one_changes_nothing(client, agent):
+    assert client.delete("/api/v1/chat/nope").status_code == 404
+    response = client.post("/api/v1/chat/stream", json=CHAT)
+    answer(agent, [["x"]])
+    response.get_data()
+    finished = client.delete(f"/api/v1/chat/{response.headers['X-Request-Id']}")
+    assert finished.status_code == 200 and finished.get_json()["status"] == "done"

@@ -1,7 +1,7 @@
 // The chat page: model picker, composer, and one streamed answer at a time.
 // Everything from the network is rendered with textContent or Text nodes,
 // never parsed as HTML: a model answer containing <script> shows as text.
-import { ChatError, authHeaders, errorFrom, streamChat } from "./sse.js";
+import { ChatError, authHeaders, cancelChat, errorFrom, streamChat } from "./sse.js";
 
 const API_KEY_STORAGE = "orchestrator.apiKey";
 const MODEL_STORAGE = "orchestrator.model";
@@ -240,7 +240,13 @@ function newChat() {
 }
 
 ui.form.addEventListener("submit", send);
-ui.stop.addEventListener("click", () => { if (inFlight) inFlight.abort(); });
+ui.stop.addEventListener("click", () => {
+  if (!inFlight) return;
+  inFlight.abort();
+  const answers = ui.log.querySelectorAll("[data-request-id]");
+  const last = answers[answers.length - 1];
+  if (last) cancelChat(last.dataset.requestId, apiKey());
+});
 ui.newChat.addEventListener("click", newChat);
 ui.prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {

@@ -28,6 +28,17 @@ export function authHeaders(apiKey) {
   return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
 }
 
+/**
+ * Cancel a request at once (DELETE /api/v1/chat/<id>): aborting the fetch alone
+ * leaves the job running for the server's cancel grace, in case the client resumes.
+ */
+export function cancelChat(requestId, apiKey) {
+  if (!requestId) return Promise.resolve();
+  return fetch(`/api/v1/chat/${encodeURIComponent(requestId)}`, {
+    method: "DELETE", headers: authHeaders(apiKey), keepalive: true,
+  }).catch(() => {}); // best effort: the disconnect cancels it after the grace anyway
+}
+
 /** The ChatError for a refused request, from the API's `{"error": {code, message}}` envelope. */
 export async function errorFrom(response) {
   let code = `http_${response.status}`;
