@@ -20,7 +20,7 @@ def test_unknown_api_route_is_a_json_404(client):
 
 
 def test_wrong_method_is_a_json_405_with_allow_header(client):
-    response = client.delete("/api/v1/chat/stream")
+    response = client.put("/api/v1/chat/stream")
     assert_envelope(response, 405, "method_not_allowed")
     assert "POST" in response.headers["Allow"]
 
