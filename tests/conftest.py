@@ -11,7 +11,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,3 +289,17 @@ def start_agent(tmp_path):
     yield start
     for agent in agents:
         agent.stop(signal.SIGKILL)
+
+
+@contextmanager
+def serving_stack(tmp: Path, agent_name: str, tokens: int, **server_env: str) -> Iterator[LiveServer]:
+    """A live server, the simulator (fast timing, ``tokens`` per answer) and one agent; all stopped on exit."""
+    server = LiveServer(tmp / "server.db", tmp / "server.log", {"ORCH_CANCEL_GRACE": "0", **server_env}).start()
+    sim = start_simulator(tmp, "--first-token-ms", "20", "--interval-ms", "5", "--tokens", str(tokens))
+    agent = launch_agent(server, sim.url, tmp / "agent.log", agent_name)
+    try:
+        yield server
+    finally:
+        agent.stop(signal.SIGKILL)
+        sim.stop()
+        server.stop()

@@ -12,8 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.simtokens import chat_prompt, expected_text
 from server import create_app, jobs
 from server.agents import add_agent, touch
-from tests.conftest import LiveServer, start_simulator, wait_until
-from tests.test_agent_e2e import launch_agent
+from tests.conftest import LiveServer, launch_agent, start_simulator, wait_until
 
 FAMILIES = {
     "orchestrator_requests": "gauge", "orchestrator_queue_depth": "gauge", "orchestrator_agents_online": "gauge",

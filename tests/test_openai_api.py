@@ -3,7 +3,6 @@ gunicorn with the gevent worker, an agent (`python -m agent`) and the Ollama sim
 from __future__ import annotations
 
 import json
-import signal
 import time
 from collections.abc import Iterator
 
@@ -13,8 +12,7 @@ import requests
 
 from agent.simtokens import chat_prompt, expected_text
 from server.agents import add_agent, touch
-from tests.conftest import LiveServer, start_simulator
-from tests.test_agent_e2e import launch_agent
+from tests.conftest import serving_stack
 
 TOKENS = 30
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue? ✨"}]
@@ -26,14 +24,8 @@ def expected(seed: int = 0, tokens: int = TOKENS, messages: list[dict] = MESSAGE
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("openai")
-    server = LiveServer(tmp / "server.db", tmp / "server.log", {"ORCH_CANCEL_GRACE": "0"}).start()
-    sim = start_simulator(tmp, "--first-token-ms", "20", "--interval-ms", "5", "--tokens", str(TOKENS))
-    agent = launch_agent(server, sim.url, tmp / "agent.log", "openai-door")
-    yield server
-    agent.stop(signal.SIGKILL)
-    sim.stop()
-    server.stop()
+    with serving_stack(tmp_path_factory.mktemp("openai"), "openai-door", TOKENS) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

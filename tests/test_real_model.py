@@ -20,8 +20,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import LiveServer, free_port, wait_until
-from tests.test_agent_e2e import launch_agent
+from tests.conftest import LiveServer, free_port, launch_agent, wait_until
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "smollm2"
