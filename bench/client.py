@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -41,36 +42,26 @@ class Trace:
 
 def stream_chat(base_url: str, payload: dict, timeout: float = DEFAULT_TIMEOUT) -> Trace:
     """POST `payload` to the server's native SSE endpoint and read the stream to its end."""
-    trace = Trace(time.time())
-    conn = _connection(base_url, timeout)
-    try:
-        conn.request("POST", SSE_PATH, json.dumps(payload).encode(), {"Content-Type": "application/json",
-                                                                      "Accept": "text/event-stream"})
-        response = conn.getresponse()
-        if response.status != 200:
-            trace.error = f"HTTP {response.status}: {response.read(500).decode(errors='replace')}"
-        else:
-            _read_sse(response, trace)
-    except (OSError, http.client.HTTPException) as exc:
-        trace.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.close()
-        trace.finished = time.time()
-    return trace
+    return _traced(base_url, SSE_PATH, payload, {"Accept": "text/event-stream"}, _read_sse, timeout)
 
 
 def stream_ollama(base_url: str, payload: dict, timeout: float = DEFAULT_TIMEOUT) -> Trace:
     """POST `payload` (with `stream: true`) to Ollama's `/api/chat` and read the NDJSON to its end."""
+    return _traced(base_url, OLLAMA_PATH, {**payload, "stream": True}, {}, _read_ndjson, timeout)
+
+
+def _traced(base_url: str, path: str, payload: dict, headers: dict[str, str],
+            read: Callable[[http.client.HTTPResponse, Trace], None], timeout: float) -> Trace:
+    """One streamed POST, read by `read` into a Trace; any failure ends up in `trace.error`."""
     trace = Trace(time.time())
     conn = _connection(base_url, timeout)
     try:
-        conn.request("POST", OLLAMA_PATH, json.dumps({**payload, "stream": True}).encode(),
-                     {"Content-Type": "application/json"})
+        conn.request("POST", path, json.dumps(payload).encode(), {"Content-Type": "application/json", **headers})
         response = conn.getresponse()
         if response.status != 200:
             trace.error = f"HTTP {response.status}: {response.read(500).decode(errors='replace')}"
         else:
-            _read_ndjson(response, trace)
+            read(response, trace)
     except (OSError, http.client.HTTPException) as exc:
         trace.error = f"{type(exc).__name__}: {exc}"
     finally:

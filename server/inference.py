@@ -155,6 +155,7 @@ def stream():
         # which would be after the reply is written; yield now so the token
         # reaches the user first (time.sleep is gevent's sleep once patched).
         time.sleep(0)
+    g.chunks_stored = (post.id, result.stored)   # for the metrics hook: no second parse of the body
     return jsonify(ok=True, cancelled=result.cancelled, next_seq=result.next_seq)
 
 

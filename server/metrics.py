@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -182,9 +182,9 @@ def _count_agent_requests(response: Response) -> Response:
     elif endpoint == CHUNK_ENDPOINT:
         metrics = current_metrics()
         metrics.chunk_posts.labels(str(response.status_code)).inc()
-        body = request.get_json(silent=True, cache=True) if response.status_code == 200 else None
-        if isinstance(body, dict) and isinstance(body.get("id"), str):
-            metrics.observe_first_token(get_db(), body["id"])
+        job_id, stored = g.get("chunks_stored", (None, 0))
+        if stored:
+            metrics.observe_first_token(get_db(), job_id)
     return response
 
 

@@ -303,3 +303,13 @@ def serving_stack(tmp: Path, agent_name: str, tokens: int, **server_env: str) ->
         agent.stop(signal.SIGKILL)
         sim.stop()
         server.stop()
+
+
+def stored_rows(db_path: Path) -> dict[str, list]:
+    """Every row the server keeps (requests, chunks, agents): nothing may change for a refused request."""
+    db = connect(str(db_path))
+    try:
+        return {table: sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+                for table in ("requests", "chunks", "agents")}
+    finally:
+        db.conn.close()

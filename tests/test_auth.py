@@ -23,7 +23,7 @@ from server import cli, jobs
 from server.agents import AgentCredentials, add_agent, remove_agent
 from server.db import connect
 from server.signing import signed_headers
-from tests.conftest import ROOT, LiveServer, launch_agent, start_simulator, wait_until
+from tests.conftest import ROOT, LiveServer, launch_agent, start_simulator, stored_rows, wait_until
 
 POLL = "/api/v1/inference/poll"
 STREAM = "/api/v1/inference/stream"
@@ -65,12 +65,7 @@ class Fleet:
         return Request("POST", STREAM, body, signed(creds, "POST", STREAM, body) | JSON)
 
     def stored(self) -> dict[str, list]:
-        db = connect(str(self.server.db_path))
-        try:
-            return {table: sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
-                    for table in ("requests", "chunks", "agents")}
-        finally:
-            db.conn.close()
+        return stored_rows(self.server.db_path)
 
 
 def signed(creds: AgentCredentials, method: str, path: str, body: bytes = b"", at: float | None = None) -> dict:

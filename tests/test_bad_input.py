@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from server.db import connect
-from tests.conftest import LiveServer, sign
+from tests.conftest import LiveServer, sign, stored_rows
 
 NATIVE, OPENAI, OLLAMA = "native", "openai", "ollama"
 JOB = "{job}"                      # replaced by the id of the job the agent holds
@@ -208,13 +208,7 @@ class Stack:
             conn.close()
 
     def stored(self) -> dict[str, list]:
-        """Every row the server keeps (requests, chunks, agents): nothing may change for a refused request."""
-        db = connect(str(self.server.db_path))
-        try:
-            return {table: sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
-                    for table in ("requests", "chunks", "agents")}
-        finally:
-            db.conn.close()
+        return stored_rows(self.server.db_path)
 
 
 @pytest.fixture(scope="module")
