@@ -19,8 +19,7 @@ from pathlib import Path
 
 import requests
 
-from server import agents, migrations
-from server.db import connect
+from server.storage import agents, migrated
 
 STARTUP_DEADLINE = 30.0
 STOP_DEADLINE = 40.0  # the agent's own SHUTDOWN_TIMEOUT (30 s) plus room to post
@@ -67,16 +66,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 def local_agent(db_path: Path, creds_path: Path) -> agents.AgentCredentials:
     """The agent `local`: registered once, its credentials kept in `creds_path` for the next run."""
-    conn = connect(str(db_path))
-    try:
-        migrations.migrate(conn)
+    with migrated(str(db_path)) as conn:
         if creds_path.exists():
             saved = agents.AgentCredentials(**json.loads(creds_path.read_text()))
             if agents.secret_for(conn, saved.id) == saved.secret:
                 return saved
         creds = agents.add_agent(conn, "local")
-    finally:
-        conn.conn.close()
     creds_path.write_text(json.dumps({"id": creds.id, "secret": creds.secret}))
     creds_path.chmod(0o600)
     return creds
@@ -127,8 +122,7 @@ def start_agent(agent_args: list[str], creds: agents.AgentCredentials, api_base:
 
 def wait_online(agent: Child, db_path: Path, agent_id: str) -> list[str]:
     """The agent's declared models once the server counts it online."""
-    conn = connect(str(db_path))
-    try:
+    with migrated(str(db_path)) as conn:
         deadline = time.monotonic() + STARTUP_DEADLINE
         while time.monotonic() < deadline:
             agent.check_alive()
@@ -136,8 +130,6 @@ def wait_online(agent: Child, db_path: Path, agent_id: str) -> list[str]:
                 if row["id"] == agent_id:
                     return row["models"]
             time.sleep(0.1)
-    finally:
-        conn.conn.close()
     raise DevrunError("the agent did not come online (see its log above)")
 
 

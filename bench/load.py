@@ -186,15 +186,11 @@ def sample(pid: int, fleet: FleetMonitor, samples: Samples, stop: threading.Even
 
 
 def register_idle_agents(db_path: Path, count: int, creds_file: Path) -> None:
-    from server.agents import add_agent
-    from server.db import connect, transaction
+    from server.storage import migrated
+    from server.storage.agents import add_agent
 
-    db = connect(str(db_path))
-    try:
-        with transaction(db):
-            creds = [add_agent(db, f"idle-{i:05d}") for i in range(count)]
-    finally:
-        db.conn.close()
+    with migrated(str(db_path)) as conn, conn.transaction():
+        creds = [add_agent(conn, f"idle-{i:05d}") for i in range(count)]
     creds_file.write_text(json.dumps([[c.id, c.secret] for c in creds]))
 
 

@@ -178,14 +178,11 @@ class Server:
 
     def add_agent(self, name: str) -> tuple[str, str]:
         """Register an agent in this server's database; returns its id and secret."""
-        from server.agents import add_agent
-        from server.db import connect
+        from server.storage import migrated
+        from server.storage.agents import add_agent
 
-        conn = connect(str(self.db_path))
-        try:
+        with migrated(str(self.db_path)) as conn:
             creds = add_agent(conn, name)
-        finally:
-            conn.conn.close()
         return creds.id, creds.secret
 
     def agent_seen(self, agent_id: str) -> bool:
@@ -208,15 +205,11 @@ class Server:
 
 def launch_server(workdir: Path, name: str, env: dict[str, str]) -> Server:
     """Migrate a fresh database and start gunicorn on a free port; `wait_ready()` waits for it."""
-    from server.db import connect
-    from server.migrations import migrate
+    from server.storage import migrated
 
     db_path = workdir / f"{name}.db"
-    conn = connect(str(db_path))
-    try:
-        migrate(conn)
-    finally:
-        conn.conn.close()
+    with migrated(str(db_path)):
+        pass
     port = _free_port()
     access_log = workdir / f"access-{name}.log"
     process = Process(f"server {name}", [sys.executable, "-m", "gunicorn", "-c", "python:server.gunicorn_conf",

@@ -8,9 +8,9 @@ from functools import wraps
 
 from flask import current_app, g, request
 
-from . import agents, body, signing
-from .db import get_db
+from . import body, signing
 from .errors import Unauthorized
+from .storage import agents, get_db
 
 
 def _path_and_query() -> str:

@@ -23,11 +23,10 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
-from . import body, jobs, streaming
+from . import body, frontdoor, streaming
 from .auth import api_key_required
-from .db import get_db
 from .errors import BadRequest, NotFound
-from .notifier import current_notifier
+from .storage import agents, chunks, get_db, jobs
 
 bp = Blueprint("chat", __name__)
 
@@ -61,10 +60,10 @@ def encode_event(event: streaming.Event) -> bytes:
 @api_key_required
 def start_stream():
     payload = body.json_object()
-    model, messages, options = streaming.validate_chat(payload)
+    model, messages, options = frontdoor.validate_chat(payload)
     status_events = body.boolean(payload.get("status_events", False), "status_events")
-    request_id = streaming.start_request(get_db(), current_notifier(), current_app.config, model, messages, options)
-    return _stream(request_id, -1, status_events)
+    job_id = frontdoor.start(model, messages, options, "native")
+    return _stream(job_id, -1, status_events)
 
 
 @bp.get("/api/v1/chat/stream/<request_id>")
@@ -75,15 +74,28 @@ def resume_stream(request_id: str):
     return _stream(request_id, _resume_point(), status_events)
 
 
+@bp.get("/api/v1/models")
+@api_key_required
+def models():
+    """Models served by online agents: ``{"models": [{"name", "agents", "slots"}]}``."""
+    online = agents.online(get_db(), time.time(), current_app.config["AGENT_ONLINE_SECONDS"])
+    served: dict[str, dict] = {}
+    for agent in online:
+        for name in agent["models"]:
+            entry = served.setdefault(name, {"name": name, "agents": 0, "slots": 0})
+            entry["agents"] += 1
+            entry["slots"] += agent["slots"] or 0
+    return jsonify({"models": sorted(served.values(), key=lambda m: m["name"])})
+
+
 @bp.get("/api/v1/chat/<request_id>")
 @api_key_required
 def show(request_id: str):
     record = _existing(request_id)
-    text = "".join(chunk for _, chunk in jobs.chunks_after(get_db(), request_id, -1))
+    text = "".join(chunk for _, chunk in chunks.chunks_after(get_db(), request_id, -1))
     agent = None
     if record["agent_id"]:
-        row = get_db().execute("SELECT name FROM agents WHERE id = ?", (record["agent_id"],)).fetchone()
-        agent = {"id": record["agent_id"], "name": row[0] if row else None}
+        agent = {"id": record["agent_id"], "name": agents.name_of(get_db(), record["agent_id"])}
     final = streaming.final_event(record["status"], record["error_code"], record["error_message"], record["stats"])
     error = {"code": final.code, "message": final.message} if isinstance(final, streaming.ErrorEvent) else None
     return jsonify({
@@ -99,16 +111,14 @@ def show(request_id: str):
 def cancel(request_id: str):
     """Cancel at once (a Stop button): a queued job leaves the queue, a running one stops at its agent's next POST."""
     _existing(request_id)
-    status = jobs.request_cancel(get_db(), request_id, time.time())
-    if status is not None:
-        current_notifier().notify("req:" + request_id)
+    jobs.cancel_job(get_db(), request_id, time.time())
     record = _existing(request_id)
     return jsonify({"id": request_id, "status": record["status"],
                     "cancel_requested": bool(record["cancel_requested"])})
 
 
 def _existing(request_id: str) -> dict:
-    record = jobs.get_request(get_db(), request_id)
+    record = jobs.get_job(get_db(), request_id)
     if record is None:
         raise NotFound(f"no chat request {request_id}", code="request_not_found")
     return record
@@ -129,14 +139,9 @@ def _resume_point() -> int:
     return after
 
 
-def _stream(request_id: str, after_seq: int, status_events: bool):
-    # Everything the generator needs is captured here: it runs after this
-    # request context is gone.
+def _stream(job_id: str, after_seq: int, status_events: bool):
     if request.method == "HEAD":
-        # Headers only: following the request would park a greenlet until it ends.
-        return streaming.stream_response(iter(()), encode_event, request_id=request_id)
-    app = current_app._get_current_object()
-    events = streaming.follow(app, request_id, after_seq, status_events=status_events)
-    guarded = streaming.DisconnectGuard(app, request_id, events,
-                                        client_socket=request.environ.get("gunicorn.socket"))
-    return streaming.stream_response(guarded, encode_event, request_id=request_id)
+        # Headers only: following the job would park a greenlet until it ends.
+        return streaming.stream_response(iter(()), encode_event, request_id=job_id)
+    events = frontdoor.guarded_events(job_id, after_seq, status_events=status_events)
+    return streaming.stream_response(events, encode_event, request_id=job_id)

@@ -8,38 +8,36 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import agents, migrations
 from .config import DEFAULTS, ENV_PREFIX
-from .db import connect
+from .storage import StorageError, agents, migrated, migrations, open_storage
 
 
 def _db_path(args: argparse.Namespace) -> str:
     return args.db or os.environ.get(ENV_PREFIX + "DATABASE") or DEFAULTS["DATABASE"]
 
 
-def _open(args: argparse.Namespace):
-    conn = connect(_db_path(args))
-    migrations.migrate(conn)
-    return conn
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    env = dict(os.environ, **{ENV_PREFIX + "DATABASE": _db_path(args), "ORCH_BIND": f"{args.host}:{args.port}"})
-    _open(args).conn.close()          # fail here, with a clear message, not inside a worker
+    env = dict(os.environ, **{ENV_PREFIX + "DATABASE": _db_path(args), ENV_PREFIX + "BIND": f"{args.host}:{args.port}"})
+    with migrated(_db_path(args)):         # fail here, with a clear message, not inside a worker
+        pass
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:server.gunicorn_conf", "server.wsgi:app"]
     os.execve(sys.executable, argv, env)
     return 0  # not reached
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    conn = connect(_db_path(args))
-    applied = migrations.migrate(conn)
+    store = open_storage(_db_path(args))
+    try:
+        applied = migrations.migrate(store)
+    finally:
+        store.close()
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
     return 0
 
 
 def cmd_agents_add(args: argparse.Namespace) -> int:
-    creds = agents.add_agent(_open(args), args.name)
+    with migrated(_db_path(args)) as conn:
+        creds = agents.add_agent(conn, args.name)
     if args.json:
         print(json.dumps({"id": creds.id, "secret": creds.secret}))
     else:
@@ -49,7 +47,8 @@ def cmd_agents_add(args: argparse.Namespace) -> int:
 
 
 def cmd_agents_list(args: argparse.Namespace) -> int:
-    rows = agents.list_agents(_open(args))
+    with migrated(_db_path(args)) as conn:
+        rows = agents.list_agents(conn)
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -64,7 +63,9 @@ def cmd_agents_list(args: argparse.Namespace) -> int:
 
 
 def cmd_agents_remove(args: argparse.Namespace) -> int:
-    if agents.remove_agent(_open(args), args.id):
+    with migrated(_db_path(args)) as conn:
+        removed = agents.remove_agent(conn, args.id)
+    if removed:
         print(f"removed {args.id}")
         return 0
     print(f"no active agent {args.id}", file=sys.stderr)
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except migrations.MigrationError as exc:
+    except (migrations.MigrationError, StorageError) as exc:
         print(f"orchestrator: {exc}", file=sys.stderr)
         return 2
 

@@ -43,6 +43,11 @@ def _keys(value: str) -> tuple[str, ...]:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("DATABASE", "var/orchestrator.db", "Path of the SQLite database file."),
+    Setting("BIND", "127.0.0.1:8000", "Address gunicorn listens on (`orchestrator serve --host/--port` set it).", str),
+    Setting("WORKERS", 1, "gunicorn worker processes; more than one needs `ORCH_NOTIFIER=poll` on SQLite.", int),
+    Setting("WORKER_CONNECTIONS", 10000, "Connections per gevent worker; every open stream and parked long poll "
+            "holds one (10,000 idle ones measured ~135 MB).", int),
+    Setting("ACCESS_LOG", "", "File for gunicorn's access log (`-` = stderr); empty = none.", str),
     Setting("MAX_BODY_BYTES", 1024 * 1024, "Largest accepted request body; larger ones get 413.", int),
     Setting("ADMIN_TOKEN", "", "Bearer token for admin endpoints (`/api/v1/agents`, status); empty = open.", str),
     Setting("API_KEYS", (), "Comma-separated API keys; when set, user endpoints need `Authorization: Bearer <key>`.", _keys),

@@ -1,10 +1,15 @@
-"""What the compatibility front doors (OpenAI, Ollama) share beyond the streaming engine.
+"""The one intake behind every chat front door (native SSE, OpenAI, Ollama): check, queue, follow.
 
 Each door has its own wire format and error shape; underneath, a chat is the
-same request on the same queue as a native one, followed through
-``streaming.follow`` behind a ``DisconnectGuard`` whether the client reads a
-stream or waits for the whole answer (a client that hangs up on a
-non-streamed answer cancels it too).
+same job on the same queue::
+
+    model, messages, options = validate_chat(payload)            # BadRequest (400)
+    job_id = start(model, messages, options, front_door="openai")  # NotFound model_not_found (404)
+    events = guarded_events(job_id)                               # the client leaving cancels the job
+    return streaming.stream_response(events, encode, request_id=job_id)
+
+or ``collect(events)`` for a client that asked for the whole answer at once
+(a client that hangs up on a non-streamed answer cancels it too).
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ from typing import Any
 
 from flask import current_app, request
 
-from . import agents, streaming
-from .db import get_db
-from .notifier import current_notifier
+from . import body, streaming
+from .disconnect import DisconnectGuard
+from .errors import BadRequest, NotFound
+from .storage import Connection, agents, get_db, jobs
 
-# HTTP statuses for a request that failed before a whole answer could be returned.
+ROLES = ("system", "user", "assistant", "tool")
+# HTTP statuses for a job that failed before a whole answer could be returned.
 FAILURE_STATUS = {
     "queue_timeout": 503, "attempts_exhausted": 503, "server_shutting_down": 503,
     "agent_lost": 502, "agent_error": 502, "cancelled": 409, "not_found": 404,
@@ -35,7 +42,7 @@ class Answer:
 
 
 class AnswerFailed(Exception):
-    """The request ended with an error event instead of an answer."""
+    """The job ended with an error event instead of an answer."""
 
     def __init__(self, event: streaming.ErrorEvent) -> None:
         super().__init__(event.message)
@@ -44,17 +51,45 @@ class AnswerFailed(Exception):
         self.status = FAILURE_STATUS.get(event.code, 500)
 
 
+def validate_chat(payload: dict[str, Any]) -> tuple[str, list[dict[str, str]], dict[str, Any]]:
+    """``(model, messages, options)`` from a chat body, or BadRequest; unknown keys are ignored."""
+    if payload.get("model") is None:
+        raise BadRequest("'model' is required", code="invalid_field")
+    model = body.text(payload["model"], "model")
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects", code="invalid_field")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"'messages[{i}]' must be an object with 'role' and 'content'", code="invalid_field")
+        if message.get("role") not in ROLES:
+            raise BadRequest(f"'messages[{i}].role' must be one of {', '.join(ROLES)}", code="invalid_field")
+        content = body.text(message.get("content"), f"messages[{i}].content", allow_empty=True)
+        checked.append({"role": message["role"], "content": content})
+    options = payload.get("options")
+    return model, checked, {} if options is None else body.mapping(options, "options")
+
+
+def start_chat(conn: Connection, config: dict[str, Any], model: str, messages: list[dict[str, str]],
+               options: dict[str, Any], front_door: str = "native") -> str:
+    """Queue a chat (its job wakes a long poll); NotFound ``model_not_found`` if no online agent serves it."""
+    now = time.time()
+    if not agents.serves(agents.online(conn, now, config["AGENT_ONLINE_SECONDS"]), model):
+        raise NotFound(f"no online agent serves the model '{model}'", code="model_not_found")
+    return jobs.create_job(conn, model, messages, options, now, front_door)
+
+
 def start(model: str, messages: list[dict[str, str]], options: dict[str, Any], front_door: str) -> str:
-    """Queue a chat; NotFound ``model_not_found`` when no online agent serves ``model``."""
-    return streaming.start_request(get_db(), current_notifier(), current_app.config, model, messages, options,
-                                   front_door=front_door)
+    """``start_chat`` for the current request."""
+    return start_chat(get_db(), current_app.config, model, messages, options, front_door)
 
 
-def guarded_events(request_id: str) -> streaming.DisconnectGuard:
-    """The request's events, cancelling it if the client leaves first (call inside the request)."""
+def guarded_events(job_id: str, after_seq: int = -1, *, status_events: bool = False) -> DisconnectGuard:
+    """The job's events, cancelling it if the client leaves first (call inside the request)."""
     app = current_app._get_current_object()
-    return streaming.DisconnectGuard(app, request_id, streaming.follow(app, request_id),
-                                     client_socket=request.environ.get("gunicorn.socket"))
+    return DisconnectGuard(app, job_id, streaming.follow(app, job_id, after_seq, status_events=status_events),
+                           client_socket=request.environ.get("gunicorn.socket"))
 
 
 def collect(events: Iterator[streaming.Event]) -> Answer:

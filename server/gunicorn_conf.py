@@ -1,16 +1,19 @@
 """gunicorn settings for the orchestrator (``gunicorn -c python:server.gunicorn_conf``).
 
-One gevent worker by default: the in-process notifier reaches only streams
-and long polls in its own process.  More workers need ``ORCH_NOTIFIER=poll``.
+Read from the server's settings table (``ORCH_BIND``, ``ORCH_WORKERS``,
+``ORCH_WORKER_CONNECTIONS``, ``ORCH_ACCESS_LOG``, ``ORCH_LOG_LEVEL``), like
+every other setting.  One gevent worker by default: the in-process notifier
+reaches only streams and long polls in its own process.
 """
-import os
+from server.config import load_config
 
-bind = os.environ.get("ORCH_BIND", "127.0.0.1:8000")
+_settings = load_config()
+
+bind = _settings["BIND"]
 worker_class = "gevent"
-workers = int(os.environ.get("ORCH_WORKERS", "1"))
-# Every parked long poll and open stream holds one; 10,000 idle connections
-# measured about 135 MB here.  The default of 1,000 is far too low.
-worker_connections = int(os.environ.get("ORCH_WORKER_CONNECTIONS", "10000"))
+workers = _settings["WORKERS"]
+# Every parked long poll and open stream holds one; the default of 1,000 is far too low.
+worker_connections = _settings["WORKER_CONNECTIONS"]
 # For async workers this is the heartbeat timeout, not a request timeout:
 # long streams are never cut by it.
 timeout = 30
@@ -22,9 +25,9 @@ graceful_timeout = 10
 # wait for idle keep-alive connections (they count as busy until it ends).
 keepalive = 5
 control_socket_disable = True
-accesslog = os.environ.get("ORCH_ACCESS_LOG") or None
+accesslog = _settings["ACCESS_LOG"] or None
 errorlog = "-"
-loglevel = os.environ.get("ORCH_LOG_LEVEL", "info").lower()
+loglevel = _settings["LOG_LEVEL"].lower()
 
 
 def post_worker_init(worker):
@@ -37,9 +40,10 @@ def post_worker_init(worker):
 
     def handle_exit(sig, frame):
         original(sig, frame)
-        notifier = getattr(worker.wsgi, "extensions", {}).get("notifier")
-        if notifier is not None:
+        app = getattr(worker, "wsgi", None)
+        store = getattr(app, "extensions", {}).get("storage")
+        if store is not None:
             # Not in the signal handler itself: taking a lock there can deadlock.
-            gevent.spawn(notifier.close)
+            gevent.spawn(store.notifier.close)
 
     signal.signal(signal.SIGTERM, handle_exit)

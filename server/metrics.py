@@ -4,13 +4,12 @@ Each app has its own ``CollectorRegistry``: tests build many apps, and the
 global registry refuses a second metric of the same name.  No view calls in
 here: agent polls and chunk POSTs are counted by an ``after_app_request``
 hook keyed by endpoint, lease expiries by a sweeper listener, and the gauges
-are read from SQLite at scrape time by ``DatabaseCollector`` with a few short
-indexed queries.  The one call from elsewhere is ``observe_delivery``, made by
+are read from the database at scrape time by ``DatabaseCollector`` with a few
+short indexed queries.  The one call from elsewhere is ``observe_delivery``, made by
 the streaming engine as each chunk is handed to a client's stream.
 """
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -20,11 +19,9 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from . import db as database
-from . import migrations
 from .auth import admin_required
-from .db import get_db
 from .errors import ApiError
+from .storage import StorageError, get_db, get_storage, migrations, stats
 
 bp = Blueprint("metrics", __name__)
 
@@ -79,24 +76,24 @@ class Metrics:
             elif item.outcome == "failed":
                 self.queue_timeouts.inc()
 
-    def observe_first_token(self, db, request_id: str) -> None:
-        """Observe a request's time to first token, once, as soon as it has one."""
-        if request_id in self._first_token_seen:
+    def observe_first_token(self, conn, job_id: str) -> None:
+        """Observe a job's time to first token, once, as soon as it has one."""
+        if job_id in self._first_token_seen:
             return
-        row = db.execute("SELECT created_at, first_token_at FROM requests WHERE id = ?", (request_id,)).fetchone()
-        if row is None or row[1] is None:
+        wait = stats.first_token_wait(conn, job_id)
+        if wait is None:
             return
-        self.first_token.observe(max(0.0, row[1] - row[0]))
-        self._first_token_seen[request_id] = None
+        self.first_token.observe(wait)
+        self._first_token_seen[job_id] = None
         if len(self._first_token_seen) > FIRST_TOKEN_MEMORY:
             self._first_token_seen.popitem(last=False)
 
 
 class DatabaseCollector:
-    """Gauges and counters that SQLite already knows, read at scrape time."""
+    """Gauges and counters that the database already knows, read at scrape time."""
 
     def __init__(self, app: Flask) -> None:
-        self.path = app.config["DATABASE"]
+        self.app = app
         self.online_window = app.config["AGENT_ONLINE_SECONDS"]
         # Counters of finished requests start at zero with the process, as Prometheus expects.
         self._finished: dict[str, int] = {"done": 0, "failed": 0, "cancelled": 0}
@@ -106,44 +103,34 @@ class DatabaseCollector:
         return []   # no describe-time queries: the registry must not touch the database at start
 
     def collect(self) -> Iterator[Metric]:
-        db = database.connect(self.path)
-        try:
-            yield from self._collect(db, time.time())
-        finally:
-            db.conn.close()
+        with get_storage(self.app).connection() as conn:
+            yield from self._collect(conn, time.time())
 
-    def _collect(self, db, now: float) -> Iterator[Metric]:
+    def _collect(self, conn, now: float) -> Iterator[Metric]:
         states = GaugeMetricFamily("orchestrator_requests", "Requests not finished yet, by state.", labels=["state"])
-        states.add_metric(["queued"], db.execute("SELECT count(*) FROM requests WHERE status = 'queued'").fetchone()[0])
-        active = dict(db.execute("SELECT status, count(*) FROM requests WHERE status IN ('delivered', 'running')"
-                                 " GROUP BY status").fetchall())
-        for state in ("delivered", "running"):
-            states.add_metric([state], active.get(state, 0))
+        for state, count in stats.jobs_by_state(conn).items():
+            states.add_metric([state], count)
         yield states
 
         depth = GaugeMetricFamily("orchestrator_queue_depth", "Queued requests per model.", labels=["model"])
-        for model, count in db.execute("SELECT model, count(*) FROM requests WHERE status = 'queued'"
-                                       " GROUP BY model").fetchall():
-            depth.add_metric([model], count)
+        for entry in stats.queue_by_model(conn):
+            if entry["queued"]:
+                depth.add_metric([entry["model"]], entry["queued"])
         yield depth
 
+        totals = stats.agent_totals(conn, now, self.online_window)
         yield GaugeMetricFamily("orchestrator_agents_online", "Agents that polled or posted within AGENT_ONLINE_SECONDS.",
-                                value=db.execute("SELECT count(*) FROM agents WHERE removed_at IS NULL"
-                                                 " AND last_seen >= ?", (now - self.online_window,)).fetchone()[0])
-        tokens, jobs = db.execute("SELECT coalesce(sum(tokens_streamed), 0), coalesce(sum(jobs_done), 0)"
-                                  " FROM agents").fetchone()
+                                value=totals["online"])
         yield CounterMetricFamily("orchestrator_tokens_streamed", "Tokens (chunks) agents have streamed in.",
-                                  value=tokens)
-        yield CounterMetricFamily("orchestrator_jobs_done", "Jobs agents have finished.", value=jobs)
-        yield self._finished_family(db, now)
+                                  value=totals["tokens_streamed"])
+        yield CounterMetricFamily("orchestrator_jobs_done", "Jobs agents have finished.", value=totals["jobs_done"])
+        yield self._finished_family(conn, now)
 
-    def _finished_family(self, db, now: float) -> Metric:
+    def _finished_family(self, conn, now: float) -> Metric:
         # Only the rows finished since the last scrape: one range over the finished_at index.
         until = now - SETTLE_SECONDS
         if until > self._counted_until:
-            for status, count in db.execute(
-                    "SELECT status, count(*) FROM requests WHERE finished_at > ? AND finished_at <= ?"
-                    " GROUP BY status", (self._counted_until, until)).fetchall():
+            for status, count in stats.finished_between(conn, self._counted_until, until).items():
                 self._finished[status] = self._finished.get(status, 0) + count
             self._counted_until = until
         family = CounterMetricFamily("orchestrator_requests_finished",
@@ -216,10 +203,9 @@ def metrics_page() -> Response:
 def healthz() -> dict[str, Any]:
     """200 when the database answers and its schema is current; 503 otherwise."""
     try:
-        db = get_db()
-        db.execute("SELECT 1").fetchone()
-        waiting = migrations.pending(db)
-    except (sqlite3.Error, OSError) as exc:
+        get_db().execute("SELECT 1").fetchone()
+        waiting = migrations.pending(get_storage())
+    except (StorageError, OSError) as exc:
         raise ApiError(f"the database is unreachable: {exc}", code="database_unreachable", status=503) from None
     except migrations.MigrationError as exc:
         raise ApiError(str(exc), code="migrations_mismatch", status=503) from None

@@ -1,7 +1,8 @@
 """In-process wake-ups: a version counter per key and a condition per waiter.
 
-Keys name what changed: ``req:<id>`` when a request gets chunks or a new
-state, ``jobs:<model>`` when a job of that model enters the queue.  A waiter
+Keys name what changed (``job_key``: a job got chunks or a new state;
+``queue_key``: a job of that model entered the queue); they are built only by
+the helpers below.  A waiter
 reads ``version(key)``, checks the database, then ``wait_for(key, version)``:
 a notify that lands between the read and the wait bumps the version, so the
 wait returns at once and no wake-up is missed.
@@ -19,6 +20,18 @@ from collections.abc import Iterable
 
 # Keys nobody waited on or notified for this long are dropped by ``prune``.
 IDLE_KEY_SECONDS = 120.0
+# What every long poll of an agent that declared no models waits on.
+ANY_MODEL_KEY = "queue:*"
+
+
+def job_key(job_id: str) -> str:
+    """The key a job's streams wait on: its chunks or its state changed."""
+    return "job:" + job_id
+
+
+def queue_key(model: str) -> str:
+    """The key long polls for ``model`` wait on: a job of that model was queued or requeued."""
+    return "queue:" + model
 
 
 class _Waiter:
@@ -133,9 +146,3 @@ class Notifier:
                 if not waiters:
                     del self._waiters[key]
 
-
-def current_notifier() -> Notifier:
-    """The app's notifier (inside a request or app context)."""
-    from flask import current_app
-
-    return current_app.extensions["notifier"]

@@ -114,7 +114,7 @@ def _answer(payload: dict[str, Any], messages: Any, kind: str):
             raise _model_not_found(model)
         return _line_dict(kind, model, "", done=True, done_reason="load")
     try:
-        model, messages, options = streaming.validate_chat(
+        model, messages, options = frontdoor.validate_chat(
             {"model": payload.get("model"), "messages": messages, "options": payload.get("options")})
         request_id = frontdoor.start(model, messages, options, "ollama")
     except ApiError as exc:

@@ -110,7 +110,7 @@ def _model_entry(name: str) -> dict[str, Any]:
 @api_key_required
 def chat_completions():
     payload = body.json_object()
-    model, messages, options = streaming.validate_chat(
+    model, messages, options = frontdoor.validate_chat(
         {"model": payload.get("model"), "messages": _messages(payload.get("messages")), "options": _options(payload)})
     stream = body.boolean(payload.get("stream", False), "stream")
     include_usage = _include_usage(payload, stream)

@@ -1,4 +1,4 @@
-"""A background loop that expires leases, times out the queue and cancels abandoned requests.
+"""A background loop that expires leases, times out the queue and cancels abandoned jobs.
 
 It is the only periodic database work, and it runs once a second, not once
 per waiting stream: the hot path (chunk POSTs, streams) never scans.
@@ -10,8 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import db as database
-from . import jobs
+from .storage import Connection, get_storage, leases
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -26,7 +25,7 @@ class Sweeper:
         self.app = app
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.listeners: list = []   # callables(list[jobs.Expired]), e.g. metrics
+        self.listeners: list = []   # callables(list[leases.Expired]), e.g. metrics
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="orchestrator-sweeper", daemon=True)
@@ -36,7 +35,7 @@ class Sweeper:
         self._stop.set()
 
     def _run(self) -> None:
-        conn = database.connect(self.app.config["DATABASE"])
+        conn = get_storage(self.app).connect()
         try:
             while not self._stop.wait(self.app.config["SWEEP_INTERVAL"]):
                 try:
@@ -46,22 +45,18 @@ class Sweeper:
                     # log it and try again next round.
                     log.error("sweep failed; retrying next interval", exc_info=True)
         finally:
-            conn.conn.close()
+            conn.close()
 
-    def sweep(self, conn, now: float | None = None) -> list[jobs.Expired]:
-        """One round; returns what changed (and notifies its waiters)."""
+    def sweep(self, conn: Connection, now: float | None = None) -> list[leases.Expired]:
+        """One round; returns what changed (its waiters are woken by the writes themselves)."""
         now = time.time() if now is None else now
         cfg = self.app.config
-        changed = jobs.expire_leases(conn, now, cfg["MAX_ATTEMPTS"])
-        changed += jobs.expire_queue(conn, now, cfg["QUEUE_TIMEOUT"])
-        changed += jobs.cancel_abandoned(conn, now, cfg["CANCEL_GRACE"])
-        notifier = self.app.extensions["notifier"]
+        changed = leases.expire_leases(conn, now, cfg["MAX_ATTEMPTS"])
+        changed += leases.expire_queue(conn, now, cfg["QUEUE_TIMEOUT"])
+        changed += leases.cancel_abandoned(conn, now, cfg["CANCEL_GRACE"])
         for item in changed:
-            notifier.notify("req:" + item.id)
-            if item.outcome == "requeued":
-                jobs.announce(notifier, item.model)
-            log.info("request %s %s", item.id, item.outcome)
-        notifier.prune()
+            log.info("job %s %s", item.id, item.outcome)
+        conn.notifier.prune()
         for listener in self.listeners:
             listener(changed)
         return changed

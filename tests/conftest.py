@@ -21,9 +21,9 @@ import requests
 
 from agent.config import SETTINGS
 from server import create_app
-from server.agents import AgentCredentials, add_agent, online
-from server.db import connect
 from server.signing import signed_headers
+from server.storage import get_storage, migrated
+from server.storage.agents import AgentCredentials, add_agent, online
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,8 @@ def app(tmp_path, app_config):
     config = {"DATABASE": str(tmp_path / "test.db"), "SWEEP_INTERVAL": 0, **app_config}
     application = create_app(config)
     yield application
-    application.extensions["notifier"].close()
+    get_storage(application).notifier.close()
+    get_storage(application).close()
 
 
 @pytest.fixture
@@ -70,9 +71,10 @@ def client(app):
 
 @pytest.fixture
 def dbconn(app):
-    conn = connect(app.config["DATABASE"])
+    """A connection of the test's own to the app's database; its writes wake the app's waiters."""
+    conn = get_storage(app).connect()
     yield conn
-    conn.conn.close()
+    conn.close()
 
 
 @pytest.fixture
@@ -152,13 +154,8 @@ class LiveServer:
         self.stop(signal.SIGKILL)
 
     def add_agent(self, name: str = "agent") -> AgentCredentials:
-        conn = connect(str(self.db_path))
-        try:
-            from server.migrations import migrate
-            migrate(conn)
+        with migrated(str(self.db_path)) as conn:
             return add_agent(conn, name)
-        finally:
-            conn.conn.close()
 
 
 @pytest.fixture
@@ -251,11 +248,8 @@ class AgentProcess:
 
 
 def agent_is_online(server: LiveServer, agent_id: str) -> bool:
-    conn = connect(str(server.db_path))
-    try:
+    with migrated(str(server.db_path)) as conn:
         return any(a["id"] == agent_id for a in online(conn, time.time(), 60))
-    finally:
-        conn.conn.close()
 
 
 def launch_agent(server: LiveServer, ollama_url: str, log_path: Path, name: str, **settings) -> AgentProcess:
@@ -307,9 +301,6 @@ def serving_stack(tmp: Path, agent_name: str, tokens: int, **server_env: str) ->
 
 def stored_rows(db_path: Path) -> dict[str, list]:
     """Every row the server keeps (requests, chunks, agents): nothing may change for a refused request."""
-    db = connect(str(db_path))
-    try:
-        return {table: sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
-                for table in ("requests", "chunks", "agents")}
-    finally:
-        db.conn.close()
+    with migrated(str(db_path)) as conn:
+        return {table: sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+                for table in ("jobs", "chunks", "agents")}

@@ -14,8 +14,8 @@ import requests
 
 from agent.config import SETTINGS
 from agent.simtokens import chat_prompt, expected_text
-from server.agents import list_agents
-from server.db import connect
+from server.storage import migrated
+from server.storage.agents import list_agents
 from tests.conftest import ROOT, LiveServer, launch_agent, start_simulator, wait_until
 
 SEED = 0  # the simulator's default
@@ -192,9 +192,8 @@ def test_two_agents_with_two_slots_serve_ten_concurrent_chats_then_stop_from_a_l
         thread.join(60)
     for i in range(10):
         assert answers[i].done and answers[i].text == expected(f"question {i}", 30, "other"), i
-    conn = connect(str(server.db_path))
-    done = {a["name"]: a["jobs_done"] for a in list_agents(conn) if a["name"] in ("one", "two")}
-    conn.conn.close()
+    with migrated(str(server.db_path)) as conn:
+        done = {a["name"]: a["jobs_done"] for a in list_agents(conn) if a["name"] in ("one", "two")}
     assert done["one"] + done["two"] == 10 and done["one"] and done["two"], done
     # Idle now, "two" is parked in a 30 s long poll: SIGTERM cuts it short.
     two.proc.send_signal(signal.SIGTERM)

@@ -19,10 +19,10 @@ import pytest
 import requests
 
 from agent.config import SETTINGS as AGENT_SETTINGS
-from server import cli, jobs
-from server.agents import AgentCredentials, add_agent, remove_agent
-from server.db import connect
+from server import cli
 from server.signing import signed_headers
+from server.storage import jobs, migrated
+from server.storage.agents import AgentCredentials, add_agent, remove_agent
 from tests.conftest import ROOT, LiveServer, launch_agent, start_simulator, stored_rows, wait_until
 
 POLL = "/api/v1/inference/poll"
@@ -79,12 +79,9 @@ def fleet(tmp_path_factory):
         "ORCH_SIGNATURE_SKEW": SKEW, "ORCH_LEASE_SECONDS": 3600, "ORCH_AGENT_ONLINE_SECONDS": 3600}).start()
     try:
         alice, bob, removed = (server.add_agent(name) for name in ("alice", "bob", "carol"))
-        db = connect(str(server.db_path))
-        try:
+        with migrated(str(server.db_path)) as db:
             remove_agent(db, removed.id)
-            jobs.create_request(db, "m", [{"role": "user", "content": "hi"}], {}, time.time())
-        finally:
-            db.conn.close()
+            jobs.create_job(db, "m", [{"role": "user", "content": "hi"}], {}, time.time())
         fleet = Fleet(server, alice, bob, removed, "")
         status, job = fleet.send(Request("GET", POLL, b"", signed(alice, "GET", POLL)))
         assert status == 200, job

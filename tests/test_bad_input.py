@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from server.db import connect
+from server.storage import jobs, migrated
 from tests.conftest import LiveServer, sign, stored_rows
 
 NATIVE, OPENAI, OLLAMA = "native", "openai", "ollama"
@@ -222,12 +222,8 @@ def stack(tmp_path_factory):
     try:
         creds = server.add_agent("validator")
         ready = Stack(server, creds, "")
-        db = connect(str(server.db_path))
-        try:
-            from server.jobs import create_request
-            create_request(db, "m", HELLO, {}, 0.0)
-        finally:
-            db.conn.close()
+        with migrated(str(server.db_path)) as db:
+            jobs.create_job(db, "m", HELLO, {}, 0.0)
         poll = Case(POLL, path=f"{POLL.path}?models=m", content_type=None)
         status, _, job = ready.send(poll)
         assert status == 200, job

@@ -13,6 +13,8 @@ import requests
 from conftest import agent_get, agent_post, sign
 from werkzeug.serving import make_server
 
+from server.storage import get_storage
+
 MODEL = "m"
 MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = {"model": MODEL, "messages": MESSAGES}
@@ -55,7 +57,7 @@ def answer(agent: Agent, batches: list[list[str]], **final) -> str:
 
 
 def count_requests(dbconn) -> int:
-    return dbconn.execute("SELECT count(*) FROM requests").fetchone()[0]
+    return dbconn.execute("SELECT count(*) FROM jobs").fetchone()[0]
 
 
 # --- starting a stream ----------------------------------------------------
@@ -225,20 +227,19 @@ def test_history_of_a_failed_request_has_the_error(client, agent):
 @pytest.fixture
 def statements(app, monkeypatch) -> list[str]:
     """Every SQL statement run on connections opened from now on (sqlite3 trace callback)."""
-    from server import db as database
+    from server.storage.sqlite import SQLiteStorage
 
     seen: list[str] = []
-    original = database.connect
+    original = SQLiteStorage.connect
 
-    def traced(path):
-        conn = original(path)
-        conn.conn.set_trace_callback(seen.append)
+    def traced(self):
+        conn = original(self)
+        conn.raw.set_trace_callback(seen.append)
         return conn
 
-    monkeypatch.setattr(database, "connect", traced)
+    monkeypatch.setattr(SQLiteStorage, "connect", traced)
     # Connections already pooled were opened untraced: start from an empty pool.
-    for db in app.extensions.pop("db.pool", []):
-        db.conn.close()
+    get_storage(app).close()
     return seen
 
 
@@ -264,7 +265,7 @@ def signed_post(url: str, creds, path: str, payload: dict) -> dict:
 def test_waiting_stream_runs_no_query_unless_legacy_polling(app, agent, agent_creds, statements, threaded_server,
                                                             mode):
     app.config.update(NOTIFIER=mode, POLL_INTERVAL=0.01, KEEPALIVE_SECONDS=0.3)
-    reads = lambda: [s for s in statements if "FROM requests AS r" in s]  # noqa: E731 - the stream's one query
+    reads = lambda: [s for s in statements if "FROM jobs AS j" in s]  # noqa: E731 - the stream's one query
     with requests.post(threaded_server + "/api/v1/chat/stream", json=CHAT, stream=True, timeout=10) as response:
         lines = response.iter_lines()
         # Queued and idle until the first keepalive: 0.3 s of waiting.

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from server.db import connect
+from server.storage import migrated
 
 
 def orchestrator(*args: str) -> subprocess.CompletedProcess:
@@ -19,7 +19,8 @@ def test_agents_add_json_prints_id_and_secret(tmp_path):
     creds = json.loads(result.stdout)
     assert set(creds) == {"id", "secret"}
     assert creds["id"].startswith("agt_") and len(creds["secret"]) >= 32
-    row = connect(db).execute("SELECT name, secret FROM agents WHERE id = ?", (creds["id"],)).fetchone()
+    with migrated(db) as conn:
+        row = conn.execute("SELECT name, secret FROM agents WHERE id = ?", (creds["id"],)).fetchone()
     assert row == ("gpu-1", creds["secret"])
 
 
@@ -44,5 +45,5 @@ def test_agents_remove_marks_the_agent_removed(tmp_path):
 
 def test_migrate_reports_up_to_date_on_second_run(tmp_path):
     db = str(tmp_path / "cli.db")
-    assert "applied: 0001_initial.sql" in orchestrator("migrate", "--db", db).stdout
+    assert "applied: 0001_initial.sql, 0002_jobs.sql" in orchestrator("migrate", "--db", db).stdout
     assert "up to date" in orchestrator("migrate", "--db", db).stdout

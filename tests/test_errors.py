@@ -35,14 +35,14 @@ def test_wrong_method_is_a_json_405_with_allow_header(client):
 def test_malformed_bodies_get_the_envelope(client, dbconn, body, content_type, status):
     response = client.post("/api/v1/chat/stream", data=body, headers={"Content-Type": content_type})
     assert_envelope(response, status)
-    assert dbconn.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+    assert dbconn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 
 def test_oversized_body_is_a_json_413(client, app, dbconn):
     big = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * (app.config["MAX_BODY_BYTES"] + 10) + b'"}]}'
     response = client.post("/api/v1/chat/stream", data=big, headers={"Content-Type": "application/json"})
     assert_envelope(response, 413)
-    assert dbconn.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+    assert dbconn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 
 @pytest.mark.parametrize("method, path, status", [("GET", "/api/show", 404), ("GET", "/api/chat", 405)])

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from server.db import connect
+from server.storage import migrated
 from tests.conftest import LiveServer, sign, start_simulator, wait_until
 from tests.flaky_proxy import Fate, FlakyProxy
 from tests.test_agent_e2e import Answer, EventStream, chat, expected, start_chat
@@ -29,11 +29,8 @@ AGENT_LOST_DEADLINE = 12.0
 
 def rows(server: LiveServer, sql: str, *params) -> list[tuple]:
     """Query the server's database directly (it may be down)."""
-    db = connect(str(server.db_path))
-    try:
+    with migrated(str(server.db_path)) as db:
         return db.execute(sql, params).fetchall()
-    finally:
-        db.conn.close()
 
 
 def stored(server: LiveServer, request_id: str) -> dict:
@@ -83,7 +80,7 @@ def test_agent_killed_before_its_first_token_gives_the_job_back_and_another_agen
     assert answer.ids == list(range(20)) and answer.text == expected("who answers?", 20)
     record = stored(server, answer.request_id)
     assert (record["status"], record["text"], record["agent"]["id"]) == ("done", answer.text, second.creds.id)
-    assert rows(server, "SELECT attempts FROM requests WHERE id = ?", answer.request_id) == [(2,)]
+    assert rows(server, "SELECT attempts FROM jobs WHERE id = ?", answer.request_id) == [(2,)]
 
     # Ollama saw the first agent go before it sent a token, then served the second once.
     def both_calls_ended() -> list[list[tuple]]:
@@ -139,7 +136,7 @@ def test_server_killed_mid_answer_and_restarted_on_its_database_loses_duplicates
     for waiter in waiting:
         waiter.close()
     request_id = before.request_id
-    assert rows(live_server, "SELECT next_seq FROM requests WHERE id = ?", request_id)[0][0] < tokens
+    assert rows(live_server, "SELECT next_seq FROM jobs WHERE id = ?", request_id)[0][0] < tokens
     wait_until(lambda: " failed (" in agent.log(), 15, message="the agent's POST failing against the dead server")
     live_server.start()
 
@@ -154,13 +151,13 @@ def test_server_killed_mid_answer_and_restarted_on_its_database_loses_duplicates
     # What the agent retried after the restart is stored once: the kept answer is the simulator's, byte for byte.
     record = stored(live_server, request_id)
     assert record["status"] == "done" and record["text"].encode() == expected("survive this", tokens).encode()
-    assert rows(live_server, "SELECT count(*), max(seq) FROM chunks WHERE request_id = ?", request_id) == [
+    assert rows(live_server, "SELECT count(*), max(seq) FROM chunks WHERE job_id = ?", request_id) == [
         (tokens, tokens - 1)]
-    assert rows(live_server, "SELECT attempts FROM requests WHERE id = ?", request_id) == [(1,)]
+    assert rows(live_server, "SELECT attempts FROM jobs WHERE id = ?", request_id) == [(1,)]
 
     # The chats that were queued are still queued, in their order, and are answered once an agent comes.
     assert [stored(live_server, q)["status"] for q in queued] == ["queued"] * 3
-    assert [r[0] for r in rows(live_server, "SELECT id FROM requests WHERE status = 'queued'"
+    assert [r[0] for r in rows(live_server, "SELECT id FROM jobs WHERE status = 'queued'"
                                             " ORDER BY created_at")] == queued
     start_agent(live_server, two_model_simulator.url, "later", MODELS="other")
     for i, request_id in enumerate(queued):
@@ -204,7 +201,7 @@ def test_a_job_handed_back_to_the_agent_still_running_it_is_not_run_twice(live_s
         agent = start_agent(server, simulator.url, API_BASE=proxy.url, MAX_JOBS=2)
         proxy.refuse("POST /api/v1/inference/stream ")
         with start_chat(server, "only once") as response:
-            wait_until(lambda: rows(server, "SELECT attempts FROM requests") == [(2,)], 20,
+            wait_until(lambda: rows(server, "SELECT attempts FROM jobs") == [(2,)], 20,
                        message="the job handed to the same agent a second time")
             proxy.refuse(None)
             answer = EventStream(response).read()
@@ -260,7 +257,7 @@ def test_twenty_agents_answer_two_hundred_queued_chats_each_exactly_once(live_se
     stand_in_agent(live_server, "sim")      # so the chats are accepted before any real agent exists
     options = {"sim_tokens": tokens, "sim_interval_ms": 1}
     responses = [start_chat(live_server, f"question {i}", sim_tag=f"q{i}", **options) for i in range(count)]
-    assert rows(live_server, "SELECT count(*) FROM requests WHERE status = 'queued'") == [(count,)]
+    assert rows(live_server, "SELECT count(*) FROM jobs WHERE status = 'queued'") == [(count,)]
     with ThreadPoolExecutor(count) as users:
         reading = [users.submit(lambda r=r: EventStream(r).read()) for r in responses]
         with ThreadPoolExecutor(20) as launcher:
@@ -273,7 +270,7 @@ def test_twenty_agents_answer_two_hundred_queued_chats_each_exactly_once(live_se
         assert answer.done and answer.ids == list(range(tokens)), (i, answer)
         assert answer.text == expected(f"question {i}", tokens), i
     # The database holds these 200 requests and nothing else.
-    assert rows(live_server, "SELECT status, attempts, next_seq, count(*) FROM requests GROUP BY 1, 2, 3") == [
+    assert rows(live_server, "SELECT status, attempts, next_seq, count(*) FROM jobs GROUP BY 1, 2, 3") == [
         ("done", 1, tokens, count)]
     assert rows(live_server, "SELECT count(*) FROM chunks") == [(count * tokens,)]
     assert rows(live_server, "SELECT sum(jobs_done) FROM agents") == [(count,)]

@@ -2,34 +2,38 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 
 import pytest
 from conftest import agent_get, agent_post, sign, wait_until
 
-from server import agents, jobs
-from server import db as database
+from server.notifier import ANY_MODEL_KEY, job_key, queue_key
+from server.storage import agents, chunks, get_storage, jobs, migrated
+from server.storage.sqlite import SQLiteStorage
 
 POLL = "/api/v1/inference/poll"
 STREAM = "/api/v1/inference/stream"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-def queue(app, db, model="llama", announce=True) -> str:
-    job_id = jobs.create_request(db, model, HELLO, {"temperature": 0}, time.time())
-    if announce:
-        jobs.announce(app.extensions["notifier"], model)
-    return job_id
+def queue(app, db, model="llama") -> str:
+    """Queue a job as this app's chat endpoint would: its commit wakes a parked poll."""
+    return jobs.create_job(db, model, HELLO, {"temperature": 0}, time.time())
+
+
+def queue_elsewhere(app, model="llama") -> str:
+    """Queue a job through a storage of its own, as another worker process would: nothing here is woken."""
+    with migrated(app.config["DATABASE"]) as conn:
+        return jobs.create_job(conn, model, HELLO, {"temperature": 0}, time.time())
 
 
 def request_record(db, job_id) -> dict:
-    return jobs.get_request(db, job_id)
+    return jobs.get_job(db, job_id)
 
 
 def stored(db, job_id) -> list[str]:
-    return [text for _, text in jobs.chunks_after(db, job_id, -1)]
+    return [text for _, text in chunks.chunks_after(db, job_id, -1)]
 
 
 def post_raw(client, creds, body: bytes, content_type="application/json"):
@@ -75,8 +79,8 @@ class BackgroundPoll:
         return self.response
 
 
-def parked(app, key=jobs.ANY_MODEL_KEY, count=1) -> None:
-    wait_until(lambda: app.extensions["notifier"].waiting(key) == count, message=f"{count} poll(s) parked on {key}")
+def parked(app, key=ANY_MODEL_KEY, count=1) -> None:
+    wait_until(lambda: get_storage(app).notifier.waiting(key) == count, message=f"{count} poll(s) parked on {key}")
 
 
 # --- signatures -------------------------------------------------------------
@@ -151,12 +155,12 @@ def test_short_poll_without_jobs_answers_204_with_no_body(client, agent_creds):
 
 def test_poll_hands_out_the_job_as_json_and_wakes_its_stream(app, client, dbconn, agent_creds):
     job_id = queue(app, dbconn)
-    version = app.extensions["notifier"].version("req:" + job_id)
+    version = get_storage(app).notifier.version(job_key(job_id))
     response = agent_get(client, agent_creds, POLL + "?models=llama&slots=2")
     assert response.status_code == 200
     assert response.get_json() == {"id": job_id, "model": "llama", "messages": HELLO,
                                    "options": {"temperature": 0}, "lease_seconds": 30.0}
-    assert app.extensions["notifier"].version("req:" + job_id) > version
+    assert get_storage(app).notifier.version(job_key(job_id)) > version
     assert request_record(dbconn, job_id)["status"] == "delivered"
 
 
@@ -201,7 +205,7 @@ def test_malformed_poll_parameters_get_400(client, agent_creds, query):
 
 def test_long_poll_answers_with_a_job_queued_while_it_waits(app, dbconn, agent_creds):
     poll = BackgroundPoll(app, agent_creds, "models=llama&wait=10")
-    parked(app, "jobs:llama")
+    parked(app, queue_key("llama"))
     job_id = queue(app, dbconn, "llama")
     response = poll.result()
     assert (response.status_code, response.get_json()["id"]) == (200, job_id)
@@ -209,9 +213,9 @@ def test_long_poll_answers_with_a_job_queued_while_it_waits(app, dbconn, agent_c
 
 def test_long_poll_ignores_jobs_of_other_models(app, dbconn, agent_creds):
     poll = BackgroundPoll(app, agent_creds, "models=llama&wait=10")
-    parked(app, "jobs:llama")
+    parked(app, queue_key("llama"))
     queue(app, dbconn, "qwen")
-    parked(app, "jobs:llama")      # woken by nothing, or re-parked
+    parked(app, queue_key("llama"))      # woken by nothing, or re-parked
     llama = queue(app, dbconn, "llama")
     assert poll.result().get_json()["id"] == llama
 
@@ -223,23 +227,23 @@ def test_long_poll_ends_with_204_after_wait(app, client, agent_creds):
 def test_long_poll_ends_with_204_when_the_server_shuts_down(app, agent_creds):
     poll = BackgroundPoll(app, agent_creds, "wait=10")
     parked(app)
-    app.extensions["notifier"].close()
+    get_storage(app).notifier.close()
     assert poll.result().status_code == 204
 
 
 def test_parked_long_poll_holds_no_database_connection(app, dbconn, agent_creds, monkeypatch):
-    opened: list[sqlite3.Connection] = []
-    real_connect = sqlite3.connect
+    opened = []
+    real_connect = SQLiteStorage.connect
 
-    def tracking_connect(*args, **kwargs):
-        opened.append(real_connect(*args, **kwargs))
+    def tracking_connect(self):
+        opened.append(real_connect(self))
         return opened[-1]
 
-    monkeypatch.setattr(database.sqlite3, "connect", tracking_connect)
-    app.extensions.get("db.pool", []).clear()           # every connection the poll uses is opened here
+    monkeypatch.setattr(SQLiteStorage, "connect", tracking_connect)
+    get_storage(app).close()           # every connection the poll uses is opened here
     poll = BackgroundPoll(app, agent_creds, "wait=10")
     parked(app)
-    idle = {id(db.conn) for db in app.extensions["db.pool"]}
+    idle = {id(conn) for conn in get_storage(app).idle}
     assert opened and all(id(conn) in idle for conn in opened)    # all given back to the pool
     assert not any(conn.in_transaction for conn in opened)
     job_id = queue(app, dbconn)
@@ -259,7 +263,7 @@ def test_parked_poll_of_an_agent_removed_meanwhile_gets_401_and_takes_nothing(ap
 def test_long_poll_in_poll_mode_finds_a_job_queued_by_another_process(app, dbconn, agent_creds):
     poll = BackgroundPoll(app, agent_creds, "wait=10")
     wait_until(lambda: agents.list_agents(dbconn)[0]["last_seen"], message="the poll to start")
-    job_id = queue(app, dbconn, announce=False)   # as another worker would: no notify here
+    job_id = queue_elsewhere(app)
     assert poll.result().get_json()["id"] == job_id
 
 
@@ -269,7 +273,7 @@ def test_one_job_wakes_one_of_two_parked_polls_and_the_other_stays_parked(app, d
     job_id = queue(app, dbconn)
     wait_until(lambda: any(p.response for p in polls), message="one poll to answer")
     parked(app, count=1)
-    app.extensions["notifier"].close()
+    get_storage(app).notifier.close()
     assert sorted(p.result().status_code for p in polls) == [200, 204]
     assert request_record(dbconn, job_id)["attempts"] == 1
 
@@ -284,12 +288,12 @@ def test_batch_post_stores_its_chunks_and_replies_with_next_seq(client, dbconn, 
 
 
 def test_post_with_new_chunks_wakes_the_chat_stream(app, client, agent_creds, running_job):
-    notifier = app.extensions["notifier"]
-    before = notifier.version("req:" + running_job)
+    notifier = get_storage(app).notifier
+    before = notifier.version(job_key(running_job))
     agent_post(client, agent_creds, STREAM, {"id": running_job, "chunks": [], "seq": 0})
-    assert notifier.version("req:" + running_job) == before        # a heartbeat changes nothing
+    assert notifier.version(job_key(running_job)) == before        # a heartbeat changes nothing
     agent_post(client, agent_creds, STREAM, {"id": running_job, "chunks": ["a"], "seq": 0})
-    assert notifier.version("req:" + running_job) == before + 1
+    assert notifier.version(job_key(running_job)) == before + 1
 
 
 def test_duplicate_post_stores_nothing_twice(client, dbconn, agent_creds, running_job):
@@ -346,7 +350,7 @@ def test_done_with_an_error_fails_the_job_with_that_message(client, dbconn, agen
 
 
 def test_post_after_the_user_left_replies_cancelled(app, client, dbconn, agent_creds, running_job):
-    jobs.request_cancel(dbconn, running_job, time.time())
+    jobs.cancel_job(dbconn, running_job, time.time())
     reply = agent_post(client, agent_creds, STREAM, {"id": running_job, "chunks": ["a"], "seq": 0})
     assert reply.get_json()["cancelled"] is True
     assert request_record(dbconn, running_job)["status"] == "cancelled"

@@ -16,10 +16,9 @@ import pytest
 import requests
 from conftest import LiveServer, wait_until
 
-from server import jobs
-from server.agents import AgentCredentials
-from server.db import connect
 from server.signing import signed_headers
+from server.storage import jobs, migrated
+from server.storage.agents import AgentCredentials
 
 POLL = "/api/v1/inference/poll"
 STREAM = "/api/v1/inference/stream"
@@ -88,27 +87,18 @@ def boot(tmp_path_factory, **env) -> LiveServer:
 
 
 def record(server: LiveServer, job_id: str) -> dict:
-    db = connect(str(server.db_path))
-    try:
-        return jobs.get_request(db, job_id)
-    finally:
-        db.conn.close()
+    with migrated(str(server.db_path)) as db:
+        return jobs.get_job(db, job_id)
 
 
 def queue_in_database(server: LiveServer, count: int, model: str = "llama") -> list[str]:
-    db = connect(str(server.db_path))
-    try:
-        return [jobs.create_request(db, model, HELLO, {}, time.time()) for _ in range(count)]
-    finally:
-        db.conn.close()
+    with migrated(str(server.db_path)) as db:
+        return [jobs.create_job(db, model, HELLO, {}, time.time()) for _ in range(count)]
 
 
 def last_seen(server: LiveServer, agent: Agent) -> float | None:
-    db = connect(str(server.db_path))
-    try:
+    with migrated(str(server.db_path)) as db:
         return db.execute("SELECT last_seen FROM agents WHERE id = ?", (agent.creds.id,)).fetchone()[0]
-    finally:
-        db.conn.close()
 
 
 def in_threads(target, agents: list[Agent]) -> None:
@@ -255,12 +245,9 @@ def test_job_delivered_to_a_vanished_poller_goes_back_to_the_queue_and_to_anothe
     wait_until(lambda: last_seen(server, vanished), message="the long poll to arrive")
     sock.close()
     chat = Chat(server, "vanish:1b")
-    db = connect(str(server.db_path))
-    try:
-        job_id = wait_until(lambda: db.execute("SELECT id FROM requests WHERE agent_id = ?",
+    with migrated(str(server.db_path)) as db:
+        job_id = wait_until(lambda: db.execute("SELECT id FROM jobs WHERE agent_id = ?",
                                                (vanished.creds.id,)).fetchone(), message="delivery")[0]
-    finally:
-        db.conn.close()
     response = survivor.poll("models=vanish:1b&wait=20")
     assert response.json()["id"] == job_id
     survivor.answer(job_id, ["still ", "answered"])

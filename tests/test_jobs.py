@@ -1,13 +1,12 @@
-"""The job queue in SQLite: claiming, chunk batches, holders and leases (server/jobs.py, server/agents.py)."""
+"""The job queue in SQLite: claiming, chunk batches, holders and leases (server/storage/jobs.py, chunks.py, leases.py, agents.py)."""
 from __future__ import annotations
 
 import threading
 
 import pytest
 
-from server import agents, jobs
-from server.db import connect
 from server.errors import Conflict, Forbidden, Gone, NotFound
+from server.storage import agents, chunks, get_storage, jobs, leases
 
 NOW = 1_700_000_000.0
 DELIVERY, LEASE = 5.0, 30.0
@@ -15,19 +14,19 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 def queue(db, model="llama", now=NOW) -> str:
-    return jobs.create_request(db, model, HELLO, {}, now)
+    return jobs.create_job(db, model, HELLO, {}, now)
 
 
 def claim(db, agent_id, models=None, now=NOW) -> jobs.Job | None:
     return jobs.claim_job(db, agent_id, models, now, DELIVERY, LEASE)
 
 
-def post(db, agent_id, job_id, seq, chunks, done=False, now=NOW, **kw) -> jobs.Appended:
-    return jobs.append_chunks(db, agent_id, job_id, seq, chunks, done, now, LEASE, **kw)
+def post(db, agent_id, job_id, seq, texts, done=False, now=NOW, **kw) -> chunks.Appended:
+    return chunks.append_chunks(db, agent_id, job_id, seq, texts, done, now, LEASE, **kw)
 
 
 def stored(db, job_id) -> list[str]:
-    return [text for _, text in jobs.chunks_after(db, job_id, -1)]
+    return [text for _, text in chunks.chunks_after(db, job_id, -1)]
 
 
 @pytest.fixture
@@ -79,7 +78,7 @@ def test_claimed_job_is_delivered_under_the_delivery_lease(dbconn, agent):
     job = claim(dbconn, agent.id)
     assert job.to_json() == {"id": job_id, "model": "llama", "messages": HELLO, "options": {},
                              "lease_seconds": LEASE}
-    record = jobs.get_request(dbconn, job_id)
+    record = jobs.get_job(dbconn, job_id)
     assert (record["status"], record["agent_id"], record["attempts"]) == ("delivered", agent.id, 1)
     assert record["lease_expires"] == NOW + DELIVERY
 
@@ -90,12 +89,12 @@ def test_concurrent_claims_from_many_connections_never_share_a_job(app, dbconn):
     barrier = threading.Barrier(8)
 
     def agent_loop(name):
-        db = connect(app.config["DATABASE"])
+        db = get_storage(app).connect()
         agent_id = agents.add_agent(db, name).id
         barrier.wait()
         while (job := claim(db, agent_id)) is not None:
             claimed.append(job.id)
-        db.conn.close()
+        db.close()
 
     threads = [threading.Thread(target=agent_loop, args=(f"gpu-{i}",)) for i in range(8)]
     for t in threads:
@@ -112,7 +111,7 @@ def test_first_post_acknowledges_a_delivered_job_and_starts_the_running_lease(db
     claim(dbconn, agent.id)
     result = post(dbconn, agent.id, job_id, 0, [], now=NOW + 1)
     assert (result.started, result.stored, result.next_seq) == (True, 0, 0)
-    record = jobs.get_request(dbconn, job_id)
+    record = jobs.get_job(dbconn, job_id)
     assert (record["status"], record["lease_expires"]) == ("running", NOW + 1 + LEASE)
     assert not post(dbconn, agent.id, job_id, 0, []).started
 
@@ -121,7 +120,7 @@ def test_batch_is_stored_in_order_and_counted_for_the_agent(dbconn, agent, runni
     result = post(dbconn, agent.id, running, 0, ["Hel", "lo", ""], now=NOW + 2)
     assert (result.stored, result.next_seq, result.cancelled) == (3, 3, False)
     assert stored(dbconn, running) == ["Hel", "lo", ""]
-    record = jobs.get_request(dbconn, running)
+    record = jobs.get_job(dbconn, running)
     assert (record["next_seq"], record["first_token_at"]) == (3, NOW + 2)
     listed = agents.list_agents(dbconn)[0]
     assert (listed["last_seen"], listed["tokens_streamed"]) == (NOW + 2, 3)
@@ -159,14 +158,14 @@ def test_legacy_post_without_seq_appends(dbconn, agent, running):
 def test_done_finishes_the_job_with_its_stats(dbconn, agent, running):
     result = post(dbconn, agent.id, running, 0, ["end"], True, stats={"eval_count": 1})
     assert result.finished
-    record = jobs.get_request(dbconn, running)
+    record = jobs.get_job(dbconn, running)
     assert (record["status"], record["stats"], record["lease_expires"]) == ("done", {"eval_count": 1}, None)
     assert agents.list_agents(dbconn)[0]["jobs_done"] == 1
 
 
 def test_done_with_an_error_fails_the_job_with_the_agents_message(dbconn, agent, running):
     post(dbconn, agent.id, running, 0, [], True, error="model 'x' not found")
-    record = jobs.get_request(dbconn, running)
+    record = jobs.get_job(dbconn, running)
     assert (record["status"], record["error_code"], record["error_message"]) == \
         ("failed", "agent_error", "model 'x' not found")
     assert agents.list_agents(dbconn)[0]["jobs_done"] == 0
@@ -187,10 +186,10 @@ def test_new_chunks_for_a_finished_job_are_gone(dbconn, agent, running):
 
 
 def test_post_after_a_cancel_request_cancels_the_job_and_says_so(dbconn, agent, running):
-    jobs.request_cancel(dbconn, running, NOW)
+    jobs.cancel_job(dbconn, running, NOW)
     result = post(dbconn, agent.id, running, 0, ["a"])
     assert (result.cancelled, result.finished) == (True, True)
-    assert jobs.get_request(dbconn, running)["status"] == "cancelled"
+    assert jobs.get_job(dbconn, running)["status"] == "cancelled"
     assert post(dbconn, agent.id, running, 1, ["b"]).cancelled
 
 
@@ -208,7 +207,7 @@ def test_another_agents_job_is_forbidden(dbconn, agent, other, running):
 
 
 def test_job_requeued_after_its_lease_ran_out_is_gone_for_the_old_holder(dbconn, agent, running):
-    assert [e.outcome for e in jobs.expire_leases(dbconn, NOW + LEASE + 1, 3)] == ["requeued"]
+    assert [e.outcome for e in leases.expire_leases(dbconn, NOW + LEASE + 1, 3)] == ["requeued"]
     with pytest.raises(Gone) as raised:
         post(dbconn, agent.id, running, 0, ["a"])
     assert raised.value.code == "lease_expired"
@@ -216,8 +215,8 @@ def test_job_requeued_after_its_lease_ran_out_is_gone_for_the_old_holder(dbconn,
 
 def test_job_failed_as_agent_lost_is_gone_for_its_holder(dbconn, agent, running):
     post(dbconn, agent.id, running, 0, ["a"])
-    assert [e.outcome for e in jobs.expire_leases(dbconn, NOW + LEASE + 1, 3)] == ["failed"]
-    record = jobs.get_request(dbconn, running)
+    assert [e.outcome for e in leases.expire_leases(dbconn, NOW + LEASE + 1, 3)] == ["failed"]
+    record = jobs.get_job(dbconn, running)
     assert (record["status"], record["error_code"]) == ("failed", "agent_lost")
     with pytest.raises(Gone) as raised:
         post(dbconn, agent.id, running, 1, ["b"])
@@ -227,7 +226,7 @@ def test_job_failed_as_agent_lost_is_gone_for_its_holder(dbconn, agent, running)
 def test_agent_given_its_expired_job_again_holds_it_anew(dbconn, agent):
     job_id = queue(dbconn)
     claim(dbconn, agent.id)
-    jobs.expire_leases(dbconn, NOW + DELIVERY + 1, 3)
+    leases.expire_leases(dbconn, NOW + DELIVERY + 1, 3)
     assert claim(dbconn, agent.id, now=NOW + 10).id == job_id
     assert post(dbconn, agent.id, job_id, 0, ["a"]).stored == 1
 
@@ -235,10 +234,10 @@ def test_agent_given_its_expired_job_again_holds_it_anew(dbconn, agent):
 def test_job_whose_delivery_lease_runs_out_goes_back_to_the_queue_in_its_place(dbconn, agent, other):
     first, second = queue(dbconn, now=NOW), queue(dbconn, now=NOW + 1)
     claim(dbconn, agent.id)
-    jobs.expire_leases(dbconn, NOW + DELIVERY + 1, 3)
+    leases.expire_leases(dbconn, NOW + DELIVERY + 1, 3)
     assert claim(dbconn, other.id, now=NOW + 10).id == first
-    assert jobs.get_request(dbconn, first)["attempts"] == 2
-    assert jobs.get_request(dbconn, second)["status"] == "queued"
+    assert jobs.get_job(dbconn, first)["attempts"] == 2
+    assert jobs.get_job(dbconn, second)["status"] == "queued"
 
 
 def test_job_handed_out_max_attempts_times_fails(dbconn, agent):
@@ -246,16 +245,16 @@ def test_job_handed_out_max_attempts_times_fails(dbconn, agent):
     for attempt in range(3):
         now = NOW + attempt * 10
         assert claim(dbconn, agent.id, now=now).id == job_id
-        outcome = jobs.expire_leases(dbconn, now + DELIVERY + 1, 3)
+        outcome = leases.expire_leases(dbconn, now + DELIVERY + 1, 3)
     assert [e.outcome for e in outcome] == ["failed"]
-    record = jobs.get_request(dbconn, job_id)
+    record = jobs.get_job(dbconn, job_id)
     assert (record["status"], record["error_code"]) == ("failed", "attempts_exhausted")
     assert "3 attempts" in record["error_message"]
 
 
 def test_lease_is_renewed_by_every_post(dbconn, agent, running):
     post(dbconn, agent.id, running, 0, [], now=NOW + LEASE - 1)
-    assert jobs.expire_leases(dbconn, NOW + LEASE + 1, 3) == []
+    assert leases.expire_leases(dbconn, NOW + LEASE + 1, 3) == []
 
 
 # --- agents -----------------------------------------------------------------

@@ -10,8 +10,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.simtokens import chat_prompt, expected_text
-from server import create_app, jobs
-from server.agents import add_agent, touch
+from server import create_app
+from server.storage import get_storage, jobs
+from server.storage.agents import add_agent, touch
 from tests.conftest import LiveServer, launch_agent, start_simulator, wait_until
 
 FAMILIES = {
@@ -55,7 +56,7 @@ def test_gauges_read_the_queue_and_the_agents_from_the_database(client, dbconn):
     agent = add_agent(dbconn, "gpu-1")
     touch(dbconn, agent.id, time.time(), ["llama3"])
     for model in ("llama3", "llama3", "qwen"):
-        jobs.create_request(dbconn, model, [{"role": "user", "content": "hi"}], {}, time.time())
+        jobs.create_job(dbconn, model, [{"role": "user", "content": "hi"}], {}, time.time())
     jobs.claim_job(dbconn, agent.id, ["llama3"], time.time(), 5, 30)
     samples = parse(client.get("/metrics").get_data(as_text=True))
     assert samples[("orchestrator_queue_depth", ("model", "llama3"))] == 1
@@ -69,9 +70,9 @@ def test_sweeps_count_lease_expiries_and_queue_timeouts(app, client, dbconn):
     client.get("/healthz")   # the first request hooks the metrics to the sweeper
     agent = add_agent(dbconn, "gpu-1")
     now = time.time()
-    jobs.create_request(dbconn, "m", [{"role": "user", "content": "hi"}], {}, now)
+    jobs.create_job(dbconn, "m", [{"role": "user", "content": "hi"}], {}, now)
     jobs.claim_job(dbconn, agent.id, ["m"], now, app.config["DELIVERY_LEASE_SECONDS"], 30)
-    jobs.create_request(dbconn, "other", [{"role": "user", "content": "hi"}], {}, now - app.config["QUEUE_TIMEOUT"])
+    jobs.create_job(dbconn, "other", [{"role": "user", "content": "hi"}], {}, now - app.config["QUEUE_TIMEOUT"])
     app.extensions["sweeper"].sweep(dbconn, now=now + app.config["DELIVERY_LEASE_SECONDS"] + 1)
     samples = parse(client.get("/metrics").get_data(as_text=True))
     assert samples[("orchestrator_lease_expiries_total", ("outcome", "requeued"))] == 1
@@ -98,8 +99,10 @@ def test_healthz_is_503_when_the_database_is_ahead_of_the_code(client, dbconn):
     assert response.get_json()["error"]["code"] == "migrations_mismatch"
 
 
-def test_healthz_is_503_when_the_database_cannot_be_opened(app, client, tmp_path):
-    app.config["DATABASE"] = str(tmp_path)     # a directory: SQLite cannot open it
+def test_healthz_is_503_when_the_database_cannot_be_opened(app, client, tmp_path, monkeypatch):
+    store = get_storage(app)
+    store.close()                                  # no pooled connection left to borrow
+    monkeypatch.setattr(store, "path", str(tmp_path))     # a directory: SQLite cannot open it
     response = client.get("/healthz")
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "database_unreachable"

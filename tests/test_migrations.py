@@ -1,76 +1,100 @@
 """Migrations: applied once and in order, re-runs are no-ops, a newer database is refused."""
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 
 import pytest
 
 from server import create_app
-from server.db import connect
-from server.migrations import MIGRATIONS_DIR, MigrationError, applied, available, migrate
+from server.storage import StorageError, open_storage
+from server.storage.migrations import MigrationError, applied, available, migrate
 
 
-def test_fresh_database_gets_every_migration_in_order(tmp_path):
-    db = connect(str(tmp_path / "m.db"))
-    names = migrate(db)
-    assert names == [m.name for m in available()]
-    assert applied(db) == names
-    assert {"agents", "requests", "chunks"} <= set(db.table_names())
+@pytest.fixture
+def store(tmp_path):
+    storage = open_storage(str(tmp_path / "m.db"))
+    yield storage
+    storage.close()
 
 
-def test_second_run_is_a_no_op(tmp_path):
-    db = connect(str(tmp_path / "m.db"))
-    migrate(db)
-    assert migrate(db) == []
+def tables(store) -> set[str]:
+    with store.connection() as conn:
+        return set(conn.db.table_names())
 
 
-def test_migrations_apply_in_number_order(tmp_path):
+def test_fresh_database_gets_every_migration_in_order(store):
+    names = migrate(store)
+    assert names == [m.name for m in available(store.migrations_dir)]
+    assert applied(store) == names
+    assert {"agents", "jobs", "chunks"} <= tables(store)
+
+
+def test_second_run_is_a_no_op(store):
+    migrate(store)
+    assert migrate(store) == []
+
+
+def test_migrations_apply_in_number_order(store, tmp_path):
     folder = tmp_path / "migs"
     folder.mkdir()
     (folder / "0002_add_column.sql").write_text("ALTER TABLE things ADD COLUMN colour TEXT;\n")
     (folder / "0001_things.sql").write_text("CREATE TABLE things (id INTEGER PRIMARY KEY);\n")
-    db = connect(str(tmp_path / "m.db"))
-    assert migrate(db, folder) == ["0001_things.sql", "0002_add_column.sql"]
-    assert "colour" in db["things"].columns_dict
+    assert migrate(store, folder) == ["0001_things.sql", "0002_add_column.sql"]
+    with store.connection() as conn:
+        assert "colour" in conn.db["things"].columns_dict
 
 
-def test_failed_migration_leaves_neither_schema_nor_record(tmp_path):
+def test_failed_migration_leaves_neither_schema_nor_record(store, tmp_path):
     folder = tmp_path / "migs"
     folder.mkdir()
     (folder / "0001_ok.sql").write_text("CREATE TABLE a (id INTEGER);\n")
     (folder / "0002_broken.sql").write_text("CREATE TABLE b (id INTEGER);\nTHIS IS NOT SQL;\n")
-    db = connect(str(tmp_path / "m.db"))
-    with pytest.raises(sqlite3.OperationalError):
-        migrate(db, folder)
-    assert applied(db) == ["0001_ok.sql"]
-    assert "b" not in db.table_names()
+    with pytest.raises(StorageError):
+        migrate(store, folder)
+    assert applied(store) == ["0001_ok.sql"]
+    assert "b" not in tables(store)
 
 
-def test_database_with_unknown_newer_migration_is_refused(tmp_path):
-    path = str(tmp_path / "m.db")
-    db = connect(path)
-    migrate(db)
-    db.execute("INSERT INTO migrations (name, applied_at) VALUES ('9999_from_the_future.sql', 0)")
+def test_a_database_from_before_the_job_rename_keeps_its_rows(store):
+    first = available(store.migrations_dir)[0]
+    with store.connection() as conn, conn.transaction():
+        for statement in store.split_statements(first.sql):
+            conn.execute(statement)
+        conn.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        conn.execute("INSERT INTO migrations VALUES (?, 0)", (first.name,))
+        conn.execute("INSERT INTO requests (id, model, messages, created_at) VALUES ('r1', 'm', '[]', 1)")
+        conn.execute("INSERT INTO chunks (request_id, seq, text, created_at) VALUES ('r1', 0, 'hi', 1)")
+    assert migrate(store) == ["0002_jobs.sql"]
+    with store.connection() as conn:
+        assert conn.execute("SELECT id, model FROM jobs").fetchall() == [("r1", "m")]
+        assert conn.execute("SELECT job_id, text FROM chunks").fetchall() == [("r1", "hi")]
+        assert "requests" not in conn.db.table_names()
+
+
+def _record_future_migration(store) -> None:
+    migrate(store)
+    with store.connection() as conn:
+        conn.execute("INSERT INTO migrations (name, applied_at) VALUES ('9999_from_the_future.sql', 0)")
+
+
+def test_database_with_unknown_newer_migration_is_refused(store):
+    _record_future_migration(store)
     with pytest.raises(MigrationError, match="9999_from_the_future.sql"):
-        migrate(db)
+        migrate(store)
     with pytest.raises(MigrationError, match="does not know"):
-        create_app({"DATABASE": path, "SWEEP_INTERVAL": 0})
+        create_app({"DATABASE": store.url, "SWEEP_INTERVAL": 0})
 
 
-def test_cli_migrate_refuses_newer_database_with_a_clear_line(tmp_path):
-    path = str(tmp_path / "m.db")
-    db = connect(path)
-    migrate(db)
-    db.execute("INSERT INTO migrations (name, applied_at) VALUES ('9999_from_the_future.sql', 0)")
-    result = subprocess.run([sys.executable, "-m", "server", "migrate", "--db", path],
+def test_cli_migrate_refuses_newer_database_with_a_clear_line(store):
+    _record_future_migration(store)
+    result = subprocess.run([sys.executable, "-m", "server", "migrate", "--db", store.url],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "9999_from_the_future.sql" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_shipped_migrations_are_numbered_without_gaps():
-    numbers = [m.number for m in available(MIGRATIONS_DIR)]
+def test_shipped_migrations_are_numbered_without_gaps(store):
+    numbers = [m.number for m in available(store.migrations_dir)]
     assert numbers == list(range(1, len(numbers) + 1))

@@ -5,8 +5,9 @@ import threading
 
 from conftest import wait_until
 
-from server import jobs
-from server.notifier import Notifier
+from server.notifier import ANY_MODEL_KEY, Notifier, queue_key
+from server.storage import jobs
+from server.storage.sqlite import SQLiteStorage
 
 PARK = 10.0   # long enough never to be reached: every test wakes its waiters
 
@@ -116,10 +117,12 @@ def test_a_pruned_key_counts_as_changed_for_a_waiter_that_saw_a_version():
 
 def test_announce_wakes_one_poll_for_the_model_and_one_catch_all_poll():
     notifier = Notifier()
-    for_model = [park(notifier, "jobs:llama"), park(notifier, "jobs:llama")]
-    catch_all = [park(notifier, jobs.ANY_MODEL_KEY), park(notifier, jobs.ANY_MODEL_KEY)]
-    other_model = park(notifier, "jobs:qwen")
-    jobs.announce(notifier, "llama")
+    for_model = [park(notifier, queue_key("llama")), park(notifier, queue_key("llama"))]
+    catch_all = [park(notifier, ANY_MODEL_KEY), park(notifier, ANY_MODEL_KEY)]
+    other_model = park(notifier, queue_key("qwen"))
+    conn = SQLiteStorage(":memory:", notifier).connect()
+    jobs.announce(conn, "llama")
+    conn.close()
     for_model[0].join()
     catch_all[0].join()
     assert not (for_model[1].returned or catch_all[1].returned or other_model.returned)

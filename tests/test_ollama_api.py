@@ -10,7 +10,7 @@ import ollama
 import pytest
 
 from agent.simtokens import chat_prompt, expected_text
-from server.agents import add_agent, touch
+from server.storage.agents import add_agent, touch
 from tests.conftest import serving_stack
 
 TOKENS = 30
@@ -106,7 +106,7 @@ def assert_ollama_error(response, status: int) -> str:
 ])
 def test_bad_requests_are_ollama_400s(client, served, dbconn, path, payload, fragment):
     assert fragment in assert_ollama_error(client.post(path, json=payload), 400)
-    assert dbconn.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+    assert dbconn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 
 def test_unknown_models_and_malformed_bodies_keep_the_ollama_shape(client):
@@ -119,5 +119,5 @@ def test_requests_are_queued_as_ollama_front_door_jobs(client, served, dbconn):
     response = client.post("/api/chat", json={"model": "sim", "messages": MESSAGES, "options": {"seed": 3}})
     assert response.status_code == 200 and response.mimetype == "application/x-ndjson"
     response.close()
-    messages, options, front_door = dbconn.execute("SELECT messages, options, front_door FROM requests").fetchone()
+    messages, options, front_door = dbconn.execute("SELECT messages, options, front_door FROM jobs").fetchone()
     assert (json.loads(messages), json.loads(options), front_door) == (MESSAGES, {"seed": 3}, "ollama")

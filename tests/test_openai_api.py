@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from agent.simtokens import chat_prompt, expected_text
-from server.agents import add_agent, touch
+from server.storage.agents import add_agent, touch
 from tests.conftest import serving_stack
 
 TOKENS = 30
@@ -163,7 +163,7 @@ def assert_openai_error(response, status: int, param: str | None = None) -> dict
 def test_bad_parameters_are_openai_400s_naming_the_parameter(client, served, dbconn, payload, param):
     error = assert_openai_error(post(client, payload), 400, param)
     assert error["type"] == "invalid_request_error"
-    assert dbconn.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+    assert dbconn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 
 def test_malformed_json_and_unknown_routes_keep_the_openai_shape(client):
@@ -179,7 +179,7 @@ def test_openai_content_parts_and_the_developer_role_become_plain_messages(clien
                                                      {"role": "user", "content": parts}], "stream": True})
     assert response.status_code == 200
     response.close()
-    messages, front_door = dbconn.execute("SELECT messages, front_door FROM requests").fetchone()
+    messages, front_door = dbconn.execute("SELECT messages, front_door FROM jobs").fetchone()
     assert json.loads(messages) == [{"role": "system", "content": "Be terse."},
                                     {"role": "user", "content": "Hello there"}]
     assert front_door == "openai"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server import agents, jobs
-from server.pages import percentile
+from server.storage import agents, chunks, jobs
+from server.storage.stats import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "server" / "static"
@@ -24,13 +24,13 @@ def online_agent(db, name: str, models: list[str], slots: int = 2, seen: float |
 def finished_request(db, agent_id: str, *, created: float, first_token: float | None, finished: float,
                      tokens: int = 3, model: str = "sim", error: str | None = None) -> str:
     """A request that went through the queue: claimed at ``created``, first chunk, then final POST."""
-    request_id = jobs.create_request(db, model, [{"role": "user", "content": "hi"}], {}, created)
+    request_id = jobs.create_job(db, model, [{"role": "user", "content": "hi"}], {}, created)
     assert jobs.claim_job(db, agent_id, None, created, 5, 30) is not None
     if first_token is not None:
-        jobs.append_chunks(db, agent_id, request_id, 0, ["tok"], False, first_token, 30)
-        jobs.append_chunks(db, agent_id, request_id, 1, ["tok"] * (tokens - 1), True, finished, 30, error=error)
+        chunks.append_chunks(db, agent_id, request_id, 0, ["tok"], False, first_token, 30)
+        chunks.append_chunks(db, agent_id, request_id, 1, ["tok"] * (tokens - 1), True, finished, 30, error=error)
     else:
-        jobs.append_chunks(db, agent_id, request_id, 0, [], True, finished, 30, error=error)
+        chunks.append_chunks(db, agent_id, request_id, 0, [], True, finished, 30, error=error)
     return request_id
 
 
@@ -103,7 +103,7 @@ def test_status_counts_queue_depth_per_model(client, dbconn):
     creds = online_agent(dbconn, "gpu-1", ["a", "b"])
     now = time.time()
     for i, model in enumerate(["b", "a", "a", "a"]):
-        jobs.create_request(dbconn, model, [{"role": "user", "content": "hi"}], {}, now + i)
+        jobs.create_job(dbconn, model, [{"role": "user", "content": "hi"}], {}, now + i)
     assert jobs.claim_job(dbconn, creds.id, ["a"], now, 5, 30) is not None
 
     queue = client.get("/api/v1/status").get_json()["queue"]
@@ -118,8 +118,8 @@ def test_status_counts_outcomes_and_latency_inside_the_window(client, dbconn):
         finished_request(dbconn, creds.id, created=now - 60, first_token=now - 60 + ttft, finished=now - 50)
     finished_request(dbconn, creds.id, created=now - 40, first_token=None, finished=now - 30, error="boom")
     finished_request(dbconn, creds.id, created=now - 3600, first_token=now - 3599, finished=now - 3500)
-    cancelled = jobs.create_request(dbconn, "sim", [{"role": "user", "content": "hi"}], {}, now - 20)
-    jobs.request_cancel(dbconn, cancelled, now - 10)
+    cancelled = jobs.create_job(dbconn, "sim", [{"role": "user", "content": "hi"}], {}, now - 20)
+    jobs.cancel_job(dbconn, cancelled, now - 10)
 
     status = client.get("/api/v1/status").get_json()
 

@@ -1,6 +1,7 @@
-"""The streaming engine (server/streaming.py) in-process: validation, following a request, disconnects.
+"""The streaming engine in-process: intake (server/frontdoor.py), following a job (server/streaming.py),
+disconnects (server/disconnect.py).
 
-The agent is played through ``jobs`` and the notifier, as the inference endpoints do;
+The agent is played through the storage functions the inference endpoints call (their writes wake the streams);
 tests/test_chat_live.py drives the same paths through gunicorn and real sockets.
 """
 from __future__ import annotations
@@ -12,9 +13,12 @@ from unittest import mock
 import pytest
 from conftest import wait_until
 
-from server import agents, jobs, streaming
+from server import frontdoor, streaming
+from server.disconnect import DisconnectGuard, open_streams
 from server.errors import BadRequest, NotFound
-from server.streaming import ChunkEvent, DisconnectGuard, DoneEvent, ErrorEvent, KeepaliveEvent, StatusEvent
+from server.notifier import ANY_MODEL_KEY, job_key, queue_key
+from server.storage import StorageError, agents, chunks, get_storage, jobs
+from server.streaming import ChunkEvent, DoneEvent, ErrorEvent, KeepaliveEvent, StatusEvent
 
 MODEL = "m"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -22,21 +26,16 @@ ANY_MESSAGE = mock.ANY
 
 
 class FakeAgent:
-    """Claims and posts through ``jobs`` and notifies like server/inference.py."""
+    """Claims and posts through the same storage calls as server/inference.py."""
 
     def __init__(self, app, db, creds) -> None:
         self.app, self.db, self.id = app, db, creds.id
-        self.notifier = app.extensions["notifier"]
 
     def claim(self) -> str:
-        job = jobs.claim_job(self.db, self.id, [MODEL], time.time(), 5.0, 30.0)
-        self.notifier.notify("req:" + job.id)
-        return job.id
+        return jobs.claim_job(self.db, self.id, [MODEL], time.time(), 5.0, 30.0).id
 
-    def post(self, request_id: str, chunks: list[str], done: bool = False, **kwargs) -> jobs.Appended:
-        result = jobs.append_chunks(self.db, self.id, request_id, None, chunks, done, time.time(), 30.0, **kwargs)
-        self.notifier.notify("req:" + request_id)
-        return result
+    def post(self, request_id: str, texts: list[str], done: bool = False, **kwargs) -> chunks.Appended:
+        return chunks.append_chunks(self.db, self.id, request_id, None, texts, done, time.time(), 30.0, **kwargs)
 
 
 @pytest.fixture
@@ -46,7 +45,7 @@ def agent(app, dbconn, agent_creds) -> FakeAgent:
 
 
 def start(app, dbconn, model: str = MODEL) -> str:
-    return streaming.start_request(dbconn, app.extensions["notifier"], app.config, model, MESSAGES, {})
+    return frontdoor.start_chat(dbconn, app.config, model, MESSAGES, {})
 
 
 def collect(events) -> list:
@@ -62,7 +61,7 @@ def collect(events) -> list:
 def when_parked(app, request_id: str, action) -> threading.Thread:
     """Run ``action`` in a thread once a stream waits on the request's notifier key."""
     def run() -> None:
-        wait_until(lambda: app.extensions["notifier"].waiting("req:" + request_id), message="a parked stream")
+        wait_until(lambda: get_storage(app).notifier.waiting(job_key(request_id)), message="a parked stream")
         action()
     thread = threading.Thread(target=run)
     thread.start()
@@ -74,9 +73,9 @@ def when_parked(app, request_id: str, action) -> threading.Thread:
 def test_validate_chat_keeps_role_and_content_and_defaults_options():
     body = {"model": "llama3", "messages": [{"role": "system", "content": "", "name": "x"},
                                             {"role": "user", "content": "héllo 👋"}], "stream": True}
-    assert streaming.validate_chat(body) == (
+    assert frontdoor.validate_chat(body) == (
         "llama3", [{"role": "system", "content": ""}, {"role": "user", "content": "héllo 👋"}], {})
-    assert streaming.validate_chat(body | {"options": {"temperature": 0}})[2] == {"temperature": 0}
+    assert frontdoor.validate_chat(body | {"options": {"temperature": 0}})[2] == {"temperature": 0}
 
 
 @pytest.mark.parametrize("body", [
@@ -98,29 +97,29 @@ def test_validate_chat_keeps_role_and_content_and_defaults_options():
 ])
 def test_validate_chat_rejects(body):
     with pytest.raises(BadRequest):
-        streaming.validate_chat(body)
+        frontdoor.validate_chat(body)
 
 
 # --- starting -------------------------------------------------------------
 
-def test_start_request_queues_and_wakes_long_polls(app, dbconn, agent):
-    notifier = app.extensions["notifier"]
-    before = notifier.version("jobs:" + MODEL), notifier.version("jobs:*")
+def test_start_chat_queues_and_wakes_long_polls(app, dbconn, agent):
+    notifier = get_storage(app).notifier
+    before = notifier.version(queue_key(MODEL)), notifier.version(ANY_MODEL_KEY)
     request_id = start(app, dbconn)
-    assert jobs.get_request(dbconn, request_id)["status"] == "queued"
-    assert (notifier.version("jobs:" + MODEL), notifier.version("jobs:*")) > before
+    assert jobs.get_job(dbconn, request_id)["status"] == "queued"
+    assert (notifier.version(queue_key(MODEL)), notifier.version(ANY_MODEL_KEY)) > before
 
 
 @pytest.mark.parametrize("models, seen_ago, model", [
     ([MODEL], 3600, MODEL),           # offline
     (["other"], 0, MODEL),            # serves another model
 ])
-def test_start_request_needs_an_online_agent_for_the_model(app, dbconn, agent_creds, models, seen_ago, model):
+def test_start_chat_needs_an_online_agent_for_the_model(app, dbconn, agent_creds, models, seen_ago, model):
     agents.touch(dbconn, agent_creds.id, time.time() - seen_ago, models)
     with pytest.raises(NotFound) as info:
         start(app, dbconn, model)
     assert info.value.code == "model_not_found"
-    assert dbconn.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+    assert dbconn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 
 def test_agent_declaring_no_models_serves_any(app, dbconn, agent_creds):
@@ -207,8 +206,7 @@ def _exhaust_attempts(app, dbconn, agent, request_id):
 
 
 def _cancel(app, dbconn, agent, request_id):
-    jobs.request_cancel(dbconn, request_id, time.time())
-    app.extensions["notifier"].notify("req:" + request_id)
+    jobs.cancel_job(dbconn, request_id, time.time())
 
 
 @pytest.mark.parametrize("fail, code", [
@@ -226,7 +224,7 @@ def test_every_failure_ends_the_stream_with_one_error(app, dbconn, agent, fail, 
 
 def test_server_shutdown_ends_a_waiting_stream_with_an_error(app, dbconn, agent):
     request_id = start(app, dbconn)
-    thread = when_parked(app, request_id, app.extensions["notifier"].close)
+    thread = when_parked(app, request_id, get_storage(app).notifier.close)
     events = collect(streaming.follow(app, request_id))
     thread.join()
     assert events == [ErrorEvent("server_shutting_down", events[0].message)]
@@ -238,15 +236,15 @@ def test_waiting_stream_holds_no_transaction(app, dbconn, agent):
     request_id = start(app, dbconn)
     events = streaming.follow(app, request_id)
     assert next(events) == KeepaliveEvent()          # it read, then waited
-    pooled = app.extensions["db.pool"]
-    assert pooled and not any(db.conn.in_transaction for db in pooled)
+    pooled = get_storage(app).idle
+    assert pooled and not any(db.in_transaction for db in pooled)
     agent.claim()
     agent.post(request_id, ["x"], done=True)          # a writer is not blocked
     assert collect(events)[-1] == DoneEvent(None)
 
 
 def test_finished_streams_leave_no_state_behind(app, dbconn, agent):
-    notifier = app.extensions["notifier"]
+    notifier = get_storage(app).notifier
     for _ in range(3):
         request_id = start(app, dbconn)
         agent.claim()
@@ -254,8 +252,8 @@ def test_finished_streams_leave_no_state_behind(app, dbconn, agent):
         stream = DisconnectGuard(app, request_id, streaming.follow(app, request_id))
         assert collect(stream)[-1] == DoneEvent(None)
         stream.close()
-    assert len(streaming.open_streams(app)) == 0
-    assert notifier.waiting("req:" + request_id) == 0
+    assert len(open_streams(app)) == 0
+    assert notifier.waiting(job_key(request_id)) == 0
     notifier.prune(idle_seconds=0)
     assert notifier.keys() == 0
 
@@ -263,7 +261,7 @@ def test_finished_streams_leave_no_state_behind(app, dbconn, agent):
 # --- clients going away ---------------------------------------------------
 
 def client_left_at(dbconn, request_id):
-    return jobs.get_request(dbconn, request_id)["client_left_at"]
+    return jobs.get_job(dbconn, request_id)["client_left_at"]
 
 
 def test_client_leaving_records_the_time_and_the_sweeper_cancels_after_grace(app, dbconn, agent):
@@ -272,7 +270,7 @@ def test_client_leaving_records_the_time_and_the_sweeper_cancels_after_grace(app
     stream.close()
     assert client_left_at(dbconn, request_id) is not None
     app.extensions["sweeper"].sweep(dbconn, now=time.time() + app.config["CANCEL_GRACE"] + 1)
-    assert jobs.get_request(dbconn, request_id)["status"] == "cancelled"
+    assert jobs.get_job(dbconn, request_id)["status"] == "cancelled"
 
 
 def test_resume_clears_client_left(app, dbconn, agent):
@@ -281,7 +279,7 @@ def test_resume_clears_client_left(app, dbconn, agent):
     resumed = DisconnectGuard(app, request_id, streaming.follow(app, request_id))
     assert client_left_at(dbconn, request_id) is None
     app.extensions["sweeper"].sweep(dbconn, now=time.time() + app.config["CANCEL_GRACE"] + 1)
-    assert jobs.get_request(dbconn, request_id)["status"] == "queued"
+    assert jobs.get_job(dbconn, request_id)["status"] == "queued"
     resumed.close()
 
 
@@ -291,9 +289,9 @@ def test_another_open_stream_keeps_the_request_alive(app, dbconn, agent):
     first = DisconnectGuard(app, request_id, streaming.follow(app, request_id))
     second = DisconnectGuard(app, request_id, streaming.follow(app, request_id, 5))
     first.close()
-    assert jobs.get_request(dbconn, request_id)["status"] == "queued"
+    assert jobs.get_job(dbconn, request_id)["status"] == "queued"
     second.close()
-    assert jobs.get_request(dbconn, request_id)["status"] == "cancelled"
+    assert jobs.get_job(dbconn, request_id)["status"] == "cancelled"
 
 
 def test_grace_zero_cancels_a_running_job_at_its_next_post(app, dbconn, agent):
@@ -305,7 +303,7 @@ def test_grace_zero_cancels_a_running_job_at_its_next_post(app, dbconn, agent):
     assert next(stream) == ChunkEvent(0, "a")
     stream.close()
     assert agent.post(request_id, ["b"]).cancelled
-    assert jobs.get_request(dbconn, request_id)["status"] == "cancelled"
+    assert jobs.get_job(dbconn, request_id)["status"] == "cancelled"
 
 
 def test_stream_closed_after_its_final_event_cancels_nothing(app, dbconn, agent):
@@ -317,18 +315,16 @@ def test_stream_closed_after_its_final_event_cancels_nothing(app, dbconn, agent)
     assert collect(stream)[-1] == DoneEvent(None)
     stream.close()
     assert client_left_at(dbconn, request_id) is None
-    assert jobs.get_request(dbconn, request_id)["status"] == "done"
+    assert jobs.get_job(dbconn, request_id)["status"] == "done"
 
 
 def test_unreadable_database_ends_the_stream_with_an_error(app, dbconn, agent, monkeypatch):
-    import sqlite3
-
     request_id = start(app, dbconn)
 
     def locked(*args):
-        raise sqlite3.OperationalError("database is locked")
+        raise StorageError("SQLite: database is locked")
 
-    monkeypatch.setattr(streaming, "_read", locked)
+    monkeypatch.setattr(jobs, "progress", locked)
     assert collect(streaming.follow(app, request_id)) == [ErrorEvent("internal_error", ANY_MESSAGE)]
 
 
@@ -337,7 +333,7 @@ def test_request_deleted_under_a_stream_ends_it_with_an_error(app, dbconn, agent
     events = streaming.follow(app, request_id, status_events=True)
     assert next(events) == StatusEvent("queued", 1)
     thread = when_parked(app, request_id, lambda: (
-        dbconn.execute("DELETE FROM requests WHERE id = ?", (request_id,)),
-        app.extensions["notifier"].notify("req:" + request_id)))
+        dbconn.execute("DELETE FROM jobs WHERE id = ?", (request_id,)),
+        get_storage(app).notifier.notify(job_key(request_id))))
     assert collect(events) == [ErrorEvent("not_found", ANY_MESSAGE)]
     thread.join()

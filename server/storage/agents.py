@@ -8,9 +8,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
-
-from .errors import Unauthorized
+from ..errors import Unauthorized
+from .base import Connection
 
 
 @dataclass(frozen=True)
@@ -19,28 +18,28 @@ class AgentCredentials:
     secret: str
 
 
-def add_agent(db: sqlite_utils.Database, name: str, now: float | None = None) -> AgentCredentials:
+def add_agent(conn: Connection, name: str, now: float | None = None) -> AgentCredentials:
     """Register an agent; the secret is returned here and never shown again."""
     creds = AgentCredentials("agt_" + uuid.uuid4().hex[:16], secrets.token_urlsafe(32))
-    db.execute("INSERT INTO agents (id, name, secret, created_at) VALUES (?, ?, ?, ?)",
+    conn.execute("INSERT INTO agents (id, name, secret, created_at) VALUES (?, ?, ?, ?)",
                (creds.id, name, creds.secret, now if now is not None else time.time()))
     return creds
 
 
-def remove_agent(db: sqlite_utils.Database, agent_id: str, now: float | None = None) -> bool:
+def remove_agent(conn: Connection, agent_id: str, now: float | None = None) -> bool:
     """Mark an agent removed: its signatures stop working at once. True if it existed."""
-    cursor = db.execute("UPDATE agents SET removed_at = ? WHERE id = ? AND removed_at IS NULL",
+    cursor = conn.execute("UPDATE agents SET removed_at = ? WHERE id = ? AND removed_at IS NULL",
                         (now if now is not None else time.time(), agent_id))
     return cursor.rowcount > 0
 
 
-def secret_for(db: sqlite_utils.Database, agent_id: str) -> str | None:
+def secret_for(conn: Connection, agent_id: str) -> str | None:
     """The secret of an active agent, or None if unknown or removed."""
-    row = db.execute("SELECT secret FROM agents WHERE id = ? AND removed_at IS NULL", (agent_id,)).fetchone()
+    row = conn.execute("SELECT secret FROM agents WHERE id = ? AND removed_at IS NULL", (agent_id,)).fetchone()
     return row[0] if row else None
 
 
-def touch(db: sqlite_utils.Database, agent_id: str, now: float, models: list[str] | None = None,
+def touch(conn: Connection, agent_id: str, now: float, models: list[str] | None = None,
           slots: int | None = None) -> list[str] | None:
     """Record that the agent was seen, and what it declared; returns its models (None: serves any).
 
@@ -49,37 +48,36 @@ def touch(db: sqlite_utils.Database, agent_id: str, now: float, models: list[str
     """
     active = "WHERE id = ? AND removed_at IS NULL RETURNING models"
     if models is None:
-        row = db.execute(f"UPDATE agents SET last_seen = ?, slots = coalesce(?, slots) {active}",
+        row = conn.execute(f"UPDATE agents SET last_seen = ?, slots = coalesce(?, slots) {active}",
                          (now, slots, agent_id)).fetchone()
     else:
-        row = db.execute(f"UPDATE agents SET last_seen = ?, models = ?, slots = coalesce(?, slots) {active}",
+        row = conn.execute(f"UPDATE agents SET last_seen = ?, models = ?, slots = coalesce(?, slots) {active}",
                          (now, json.dumps(models), slots, agent_id)).fetchone()
     if row is None:
         raise Unauthorized("this agent was removed", code="bad_signature")
     return json.loads(row[0]) or None
 
 
-def declared_models(db: sqlite_utils.Database, agent_id: str) -> list[str] | None:
-    """The agent's last declared models; None if it never declared any (serves anything)."""
-    row = db.execute("SELECT models FROM agents WHERE id = ?", (agent_id,)).fetchone()
-    models = json.loads(row[0]) if row else []
-    return models or None
-
-
-def online(db: sqlite_utils.Database, now: float, window: float) -> list[dict[str, Any]]:
+def online(conn: Connection, now: float, window: float) -> list[dict[str, Any]]:
     """Active agents seen within ``window`` seconds, without their secrets."""
-    rows = db.execute(
+    rows = conn.execute(
         "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed FROM agents"
         " WHERE removed_at IS NULL AND last_seen >= ? ORDER BY name", (now - window,)).fetchall()
     return [_public(r) for r in rows]
 
 
-def list_agents(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+def list_agents(conn: Connection) -> list[dict[str, Any]]:
     """Every registered agent (removed ones too), without secrets."""
-    rows = db.execute(
+    rows = conn.execute(
         "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed, created_at, removed_at"
         " FROM agents ORDER BY created_at").fetchall()
     return [_public(r[:7]) | {"created_at": r[7], "removed_at": r[8]} for r in rows]
+
+
+def name_of(conn: Connection, agent_id: str) -> str | None:
+    """The agent's name (removed agents too), or None if unknown."""
+    row = conn.execute("SELECT name FROM agents WHERE id = ?", (agent_id,)).fetchone()
+    return row[0] if row else None
 
 
 def serves(agents: list[dict[str, Any]], model: str) -> bool:
@@ -96,25 +94,25 @@ def _public(row: tuple) -> dict[str, Any]:
 RATE_WINDOW_SECONDS = 60.0
 
 
-def token_rates(db: sqlite_utils.Database, now: float, window: float = RATE_WINDOW_SECONDS) -> dict[str, float]:
+def token_rates(conn: Connection, now: float, window: float = RATE_WINDOW_SECONDS) -> dict[str, float]:
     """Tokens per second each agent streamed over the last ``window`` seconds.
 
     Counted from the chunks table, so every worker process sees the same
-    figure; only requests active or finished within the window are joined.
+    figure; only jobs active or finished within the window are joined.
     """
     since = now - window
-    rows = db.execute(
-        """SELECT r.agent_id, count(*) FROM requests r JOIN chunks c ON c.request_id = r.id AND c.created_at >= ?
-           WHERE r.id IN (SELECT id FROM requests WHERE finished_at >= ?
-                          UNION ALL SELECT id FROM requests WHERE status IN ('delivered', 'running'))
-           GROUP BY r.agent_id""", (since, since)).fetchall()
+    rows = conn.execute(
+        """SELECT j.agent_id, count(*) FROM jobs j JOIN chunks c ON c.job_id = j.id AND c.created_at >= ?
+           WHERE j.id IN (SELECT id FROM jobs WHERE finished_at >= ?
+                          UNION ALL SELECT id FROM jobs WHERE status IN ('delivered', 'running'))
+           GROUP BY j.agent_id""", (since, since)).fetchall()
     return {agent_id: round(count / window, 2) for agent_id, count in rows if agent_id}
 
 
-def overview(db: sqlite_utils.Database, now: float, online_window: float) -> list[dict[str, Any]]:
+def overview(conn: Connection, now: float, online_window: float) -> list[dict[str, Any]]:
     """Every active agent for operators: presence, declared models and slots, work done, recent rate."""
-    rates = token_rates(db, now)
-    rows = db.execute(
+    rates = token_rates(conn, now)
+    rows = conn.execute(
         "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed FROM agents"
         " WHERE removed_at IS NULL ORDER BY name, id").fetchall()
     listed = []

@@ -1,0 +1,160 @@
+"""The queue: a job's life from queued to a final state, and the reads that follow it.
+
+Every function is one short transaction (or one statement) and takes ``now``
+from the caller, so tests can move time.  Writes that someone waits for
+announce it with ``conn.notify``: the wake-up goes out when the write commits.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from ..notifier import ANY_MODEL_KEY, job_key, queue_key
+from .base import Connection
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    DELIVERED = "delivered"   # handed to an agent, awaiting its first POST
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = (Status.DELIVERED.value, Status.RUNNING.value)
+FINAL = (Status.DONE.value, Status.FAILED.value, Status.CANCELLED.value)
+FINAL_SQL = ", ".join(f"'{s}'" for s in FINAL)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a poll hands to an agent."""
+
+    id: str
+    model: str
+    messages: list[dict[str, str]]
+    options: dict[str, Any]
+    lease_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "model": self.model, "messages": self.messages,
+                "options": self.options, "lease_seconds": self.lease_seconds}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A job's state and the chunks after a point, read together (what a stream shows next)."""
+
+    status: str
+    error_code: str | None
+    error_message: str | None
+    stats: dict[str, Any] | None
+    chunks: list[tuple[int, str, float]]    # (seq, text, stored_at)
+    position: int | None                    # 1-based place in its model's queue, when asked and queued
+
+
+def announce(conn: Connection, model: str) -> None:
+    """Wake one long poll for ``model`` and one catch-all poll: a job was queued or requeued.
+
+    wake=1: one job needs one poller, the rest stay parked.
+    """
+    conn.notify(queue_key(model), wake=1)
+    conn.notify(ANY_MODEL_KEY, wake=1)
+
+
+def create_job(conn: Connection, model: str, messages: list[dict[str, str]], options: dict[str, Any],
+               now: float, front_door: str = "native") -> str:
+    """Queue a new job and wake a long poll for it; returns its id."""
+    job_id = uuid.uuid4().hex
+    conn.execute(
+        "INSERT INTO jobs (id, model, messages, options, front_door, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, model, json.dumps(messages, ensure_ascii=False), json.dumps(options, ensure_ascii=False),
+         front_door, now))
+    announce(conn, model)
+    return job_id
+
+
+def claim_job(conn: Connection, agent_id: str, models: list[str] | None, now: float,
+              delivery_lease: float, lease_seconds: float) -> Job | None:
+    """Atomically hand the oldest queued job of ``models`` (any model if None) to ``agent_id``."""
+    where, params = "status = 'queued'", []
+    if models is not None:
+        if not models:
+            return None
+        where += f" AND model IN ({', '.join('?' * len(models))})"
+        params += models
+    # One UPDATE ... RETURNING statement: two pollers can never claim the same row.
+    row = conn.execute(
+        f"""UPDATE jobs SET status = 'delivered', agent_id = ?, attempts = attempts + 1,
+                assigned_at = ?, lease_expires = ?
+            WHERE id = (SELECT id FROM jobs WHERE {where} ORDER BY created_at, rowid LIMIT 1)
+            RETURNING id, model, messages, options""",
+        [agent_id, now, now + delivery_lease, *params]).fetchone()
+    if row is None:
+        return None
+    conn.notify(job_key(row[0]))
+    return Job(row[0], row[1], json.loads(row[2]), json.loads(row[3]), lease_seconds)
+
+
+def get_job(conn: Connection, job_id: str) -> dict[str, Any] | None:
+    """The job's row as a dict (JSON columns decoded), or None."""
+    cursor = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    record = dict(zip([d[0] for d in cursor.description], row, strict=True))
+    for key in ("messages", "options", "stats"):
+        if record.get(key):
+            record[key] = json.loads(record[key])
+    return record
+
+
+# One statement over both primary keys: a job row and its new chunks,
+# consistent with each other (a final status never comes without its chunks).
+_PROGRESS_SQL = """
+SELECT j.status, j.error_code, j.error_message, j.stats, j.model, j.created_at, c.seq, c.text, c.created_at
+FROM jobs AS j LEFT JOIN chunks AS c ON c.job_id = j.id AND c.seq > ?
+WHERE j.id = ? ORDER BY c.seq"""
+
+
+def progress(conn: Connection, job_id: str, after_seq: int, with_position: bool = False) -> Progress | None:
+    """The job's state and its chunks after ``after_seq``; None for an unknown job."""
+    rows = conn.execute(_PROGRESS_SQL, (after_seq, job_id)).fetchall()
+    if not rows:
+        return None
+    status, code, message, stats, model, created_at = rows[0][:6]
+    chunks = [(seq, text, stored_at) for *_, seq, text, stored_at in rows if seq is not None]
+    position = None
+    if with_position and status == Status.QUEUED:
+        position = conn.execute("SELECT count(*) FROM jobs WHERE status = 'queued' AND model = ? AND created_at <= ?",
+                                (model, created_at)).fetchone()[0]
+    return Progress(status, code, message, json.loads(stats) if stats else None, chunks, position)
+
+
+def cancel_job(conn: Connection, job_id: str, now: float) -> str | None:
+    """Cancel a job: a queued one at once, a running one at its agent's next POST.
+
+    Returns the resulting status, or None if it was already final.
+    """
+    with conn.transaction():
+        row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row[0] in FINAL:
+            return None
+        if row[0] == Status.QUEUED:
+            conn.execute("UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_at = ? WHERE id = ?",
+                         (now, job_id))
+            status = Status.CANCELLED.value
+        else:
+            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            status = row[0]
+        conn.notify(job_key(job_id))
+        return status
+
+
+def set_client_left(conn: Connection, job_id: str, left_at: float | None) -> None:
+    """Record when the last stream client left (None: a client is back)."""
+    conn.execute("UPDATE jobs SET client_left_at = ? WHERE id = ?", (left_at, job_id))
