@@ -24,12 +24,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     logging.getLogger("server").setLevel(settings["LOG_LEVEL"])
 
-    store = storage.open_storage(settings["DATABASE"], Notifier())
+    store = storage.open_storage(settings["DATABASE"], Notifier(), settings["POOL_SIZE"])
     if settings["MIGRATE_ON_START"]:
         migrations.migrate(store)
     elif migrations.pending(store):
         raise migrations.MigrationError("the database needs migrations: run `orchestrator migrate`")
     storage.init_app(app, store)
+    # Streams still waiting when the database has been away a whole lease end with an error.
+    store.start_listening(give_up_after=settings["LEASE_SECONDS"])
     errors.init_app(app)
     _register_blueprints(app)
     app.extensions["sweeper"] = Sweeper(app)

@@ -42,7 +42,9 @@ def _keys(value: str) -> tuple[str, ...]:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("DATABASE", "var/orchestrator.db", "Path of the SQLite database file."),
+    Setting("DATABASE", "var/orchestrator.db", "The SQLite database file, or a `postgresql://` URL for many "
+            "workers and hosts on one PostgreSQL database.", str),
+    Setting("POOL_SIZE", 16, "Database connections each worker keeps (PostgreSQL: at most this many open).", int),
     Setting("BIND", "127.0.0.1:8000", "Address gunicorn listens on (`orchestrator serve --host/--port` set it).", str),
     Setting("WORKERS", 1, "gunicorn worker processes; more than one needs `ORCH_NOTIFIER=poll` on SQLite.", int),
     Setting("WORKER_CONNECTIONS", 10000, "Connections per gevent worker; every open stream and parked long poll "

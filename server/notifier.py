@@ -93,6 +93,17 @@ class Notifier:
                 self._forget_waiter(waiter, after)
             return self._snapshot(after)
 
+    def wake_all(self) -> None:
+        """Bump every waited-on key and wake all its waiters: each re-reads once (e.g. after lost wake-ups)."""
+        with self._lock:
+            now = time.monotonic()
+            for key, waiters in self._waiters.items():
+                self._versions[key] = self._versions.get(key, 0) + 1
+                self._touched[key] = now
+                for waiter in list(waiters):
+                    waiter.woken = True
+                    waiter.cond.notify()
+
     def close(self) -> None:
         """Wake every waiter for good: used on shutdown so parked polls end at once."""
         with self._lock:

@@ -50,10 +50,15 @@ class Sweeper:
     def sweep(self, conn: Connection, now: float | None = None) -> list[leases.Expired]:
         """One round; returns what changed (its waiters are woken by the writes themselves)."""
         now = time.time() if now is None else now
-        cfg = self.app.config
-        changed = leases.expire_leases(conn, now, cfg["MAX_ATTEMPTS"])
-        changed += leases.expire_queue(conn, now, cfg["QUEUE_TIMEOUT"])
-        changed += leases.cancel_abandoned(conn, now, cfg["CANCEL_GRACE"])
+        cfg, store = self.app.config, get_storage(self.app)
+        if not store.sweep_lock(conn):
+            return []             # another host's sweeper is at it
+        try:
+            changed = leases.expire_leases(conn, now, cfg["MAX_ATTEMPTS"])
+            changed += leases.expire_queue(conn, now, cfg["QUEUE_TIMEOUT"])
+            changed += leases.cancel_abandoned(conn, now, cfg["CANCEL_GRACE"])
+        finally:
+            store.sweep_unlock(conn)
         for item in changed:
             log.info("job %s %s", item.id, item.outcome)
         conn.notifier.prune()

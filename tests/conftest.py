@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from agent.config import SETTINGS
+from devtools.postgres import Cluster, PostgresUnavailable
 from server import create_app
 from server.signing import signed_headers
 from server.storage import get_storage, migrated
@@ -47,6 +48,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# --- storage engines ------------------------------------------------------
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "engines(*names): run the module's tests on each storage engine named")
+
+
+def pytest_generate_tests(metafunc) -> None:
+    """Tests marked ``engines("sqlite", "postgres")`` run once per engine (through the ``engine`` fixture)."""
+    marker = metafunc.definition.get_closest_marker("engines")
+    if marker is not None and "engine" in metafunc.fixturenames:
+        metafunc.parametrize("engine", marker.args, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One throwaway PostgreSQL server per test process (a Unix socket, no TCP port)."""
+    try:
+        cluster = Cluster.create()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"{exc}; make test installs it (.ci/install-services)")
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def engine(request) -> str:
+    """The storage engine under test: ``sqlite`` unless the test is marked ``engines(...)``."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def database_url(engine, tmp_path, request) -> str:
+    """A fresh database on ``engine``: a SQLite file, or a new PostgreSQL database."""
+    if engine == "postgres":
+        return request.getfixturevalue("pg_cluster").create_database()
+    return str(tmp_path / "test.db")
+
+
 # --- in-process app ---------------------------------------------------------
 
 @pytest.fixture
@@ -56,8 +95,8 @@ def app_config(tmp_path) -> dict:
 
 
 @pytest.fixture
-def app(tmp_path, app_config):
-    config = {"DATABASE": str(tmp_path / "test.db"), "SWEEP_INTERVAL": 0, **app_config}
+def app(database_url, app_config):
+    config = {"DATABASE": database_url, "SWEEP_INTERVAL": 0, **app_config}
     application = create_app(config)
     yield application
     get_storage(application).notifier.close()
@@ -75,6 +114,37 @@ def dbconn(app):
     conn = get_storage(app).connect()
     yield conn
     conn.close()
+
+
+@dataclass
+class Loans:
+    """Connections the app's storage lent out: how many, which are still out, how many came back mid-transaction."""
+
+    taken: int = 0
+    out: set[int] = field(default_factory=set)
+    returned_in_transaction: int = 0
+
+
+@pytest.fixture
+def loans(app, monkeypatch) -> Loans:
+    """Track every connection the app's storage lends from now on (requests, streams, polls), on any engine."""
+    store, record = get_storage(app), Loans()
+    take, give_back = store.take, store.give_back
+
+    def tracked_take():
+        conn = take()
+        record.taken += 1
+        record.out.add(id(conn))
+        return conn
+
+    def tracked_give_back(conn):
+        record.out.discard(id(conn))
+        record.returned_in_transaction += conn.in_transaction
+        give_back(conn)
+
+    monkeypatch.setattr(store, "take", tracked_take)
+    monkeypatch.setattr(store, "give_back", tracked_give_back)
+    return record
 
 
 @pytest.fixture

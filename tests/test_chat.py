@@ -15,6 +15,8 @@ from werkzeug.serving import make_server
 
 from server.storage import get_storage
 
+pytestmark = pytest.mark.engines("sqlite", "postgres")
+
 MODEL = "m"
 MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = {"model": MODEL, "messages": MESSAGES}
@@ -226,20 +228,19 @@ def test_history_of_a_failed_request_has_the_error(client, agent):
 
 @pytest.fixture
 def statements(app, monkeypatch) -> list[str]:
-    """Every SQL statement run on connections opened from now on (sqlite3 trace callback)."""
-    from server.storage.sqlite import SQLiteStorage
-
+    """Every SQL statement the app's storage runs from now on, on any of its connections."""
+    store = get_storage(app)
+    probe = store.connect()
+    connection_class = type(probe)
+    probe.close()
     seen: list[str] = []
-    original = SQLiteStorage.connect
+    original = connection_class.execute
 
-    def traced(self):
-        conn = original(self)
-        conn.raw.set_trace_callback(seen.append)
-        return conn
+    def traced(self, sql, params=()):
+        seen.append(sql)
+        return original(self, sql, params)
 
-    monkeypatch.setattr(SQLiteStorage, "connect", traced)
-    # Connections already pooled were opened untraced: start from an empty pool.
-    get_storage(app).close()
+    monkeypatch.setattr(connection_class, "execute", traced)
     return seen
 
 

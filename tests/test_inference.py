@@ -10,7 +10,8 @@ from conftest import agent_get, agent_post, sign, wait_until
 
 from server.notifier import ANY_MODEL_KEY, job_key, queue_key
 from server.storage import agents, chunks, get_storage, jobs, migrated
-from server.storage.sqlite import SQLiteStorage
+
+pytestmark = pytest.mark.engines("sqlite", "postgres")
 
 POLL = "/api/v1/inference/poll"
 STREAM = "/api/v1/inference/stream"
@@ -231,21 +232,11 @@ def test_long_poll_ends_with_204_when_the_server_shuts_down(app, agent_creds):
     assert poll.result().status_code == 204
 
 
-def test_parked_long_poll_holds_no_database_connection(app, dbconn, agent_creds, monkeypatch):
-    opened = []
-    real_connect = SQLiteStorage.connect
-
-    def tracking_connect(self):
-        opened.append(real_connect(self))
-        return opened[-1]
-
-    monkeypatch.setattr(SQLiteStorage, "connect", tracking_connect)
-    get_storage(app).close()           # every connection the poll uses is opened here
+def test_parked_long_poll_holds_no_database_connection(app, dbconn, agent_creds, loans):
     poll = BackgroundPoll(app, agent_creds, "wait=10")
     parked(app)
-    idle = {id(conn) for conn in get_storage(app).idle}
-    assert opened and all(id(conn) in idle for conn in opened)    # all given back to the pool
-    assert not any(conn.in_transaction for conn in opened)
+    assert loans.taken and not loans.out           # every connection the poll used is back in the pool
+    assert loans.returned_in_transaction == 0
     job_id = queue(app, dbconn)
     assert poll.result().get_json()["id"] == job_id
 

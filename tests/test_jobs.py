@@ -8,6 +8,8 @@ import pytest
 from server.errors import Conflict, Forbidden, Gone, NotFound
 from server.storage import agents, chunks, get_storage, jobs, leases
 
+pytestmark = pytest.mark.engines("sqlite", "postgres")
+
 NOW = 1_700_000_000.0
 DELIVERY, LEASE = 5.0, 30.0
 HELLO = [{"role": "user", "content": "hello"}]

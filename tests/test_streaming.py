@@ -20,6 +20,8 @@ from server.notifier import ANY_MODEL_KEY, job_key, queue_key
 from server.storage import StorageError, agents, chunks, get_storage, jobs
 from server.streaming import ChunkEvent, DoneEvent, ErrorEvent, KeepaliveEvent, StatusEvent
 
+pytestmark = pytest.mark.engines("sqlite", "postgres")
+
 MODEL = "m"
 MESSAGES = [{"role": "user", "content": "hi"}]
 ANY_MESSAGE = mock.ANY
@@ -231,13 +233,12 @@ def test_server_shutdown_ends_a_waiting_stream_with_an_error(app, dbconn, agent)
     assert "Last-Event-ID" in events[0].message
 
 
-def test_waiting_stream_holds_no_transaction(app, dbconn, agent):
+def test_waiting_stream_holds_no_transaction(app, dbconn, agent, loans):
     app.config["KEEPALIVE_SECONDS"] = 0.05
     request_id = start(app, dbconn)
     events = streaming.follow(app, request_id)
     assert next(events) == KeepaliveEvent()          # it read, then waited
-    pooled = get_storage(app).idle
-    assert pooled and not any(db.in_transaction for db in pooled)
+    assert loans.taken and not loans.out and loans.returned_in_transaction == 0
     agent.claim()
     agent.post(request_id, ["x"], done=True)          # a writer is not blocked
     assert collect(events)[-1] == DoneEvent(None)

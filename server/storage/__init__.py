@@ -1,6 +1,7 @@
 """Where jobs, chunks and agents are kept, and how their writes wake the streams waiting on them.
 
-``open_storage(url)`` picks the engine (SQLite, the embedded default).  A
+``open_storage(url)`` picks the engine: SQLite, the embedded default, or
+PostgreSQL for many workers and hosts.  A
 view takes its connection with ``get_db()`` (borrowed from the pool on first
 use, given back at teardown, as in Flask's tutorial); code outside a request
 (streams, the sweeper) borrows with ``get_storage(app).connection()``.  The
@@ -24,8 +25,19 @@ __all__ = ["Connection", "Storage", "StorageError", "close_db", "get_db", "get_s
            "migrated"]
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
 def open_storage(url: str, notifier: Notifier | None = None, pool_size: int = POOL_SIZE) -> Storage:
-    """The engine for ``url`` (a SQLite file path today); nothing is opened until first use."""
+    """The engine for ``url``: PostgreSQL for a ``postgresql://`` URL, else the SQLite file at that path.
+
+    Nothing is opened until first use.
+    """
+    if url.startswith(POSTGRES_SCHEMES):
+        # Imported here: psycopg is needed only by deployments that use it.
+        from .postgres import PostgresStorage
+
+        return PostgresStorage(url, notifier, pool_size)
     return SQLiteStorage(url, notifier, pool_size)
 
 

@@ -31,6 +31,9 @@ class StorageError(Exception):
 class Connection:
     """One database connection: portable SQL, transactions, and wake-ups announced on commit."""
 
+    # Appended to a claim's row-picking subquery by engines with row locks (``FOR UPDATE SKIP LOCKED``).
+    skip_locked = ""
+
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier
         self._announced: list[tuple[str, int | None]] = []
@@ -103,6 +106,20 @@ class Storage:
     def split_statements(self, sql: str) -> list[str]:
         """A migration file's statements, one per item."""
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Open one connection now: StorageError (saying where and why) when the database cannot be reached."""
+        self.connect().close()
+
+    def start_listening(self, give_up_after: float) -> None:
+        """Start hearing other processes' writes (engines shared between processes); nothing to do here."""
+
+    def sweep_lock(self, conn: Connection) -> bool:
+        """Whether this process may sweep now; engines shared between hosts let one sweeper in at a time."""
+        return True
+
+    def sweep_unlock(self, conn: Connection) -> None:
+        """Let another process sweep."""
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:

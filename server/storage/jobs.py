@@ -87,11 +87,13 @@ def claim_job(conn: Connection, agent_id: str, models: list[str] | None, now: fl
             return None
         where += f" AND model IN ({', '.join('?' * len(models))})"
         params += models
-    # One UPDATE ... RETURNING statement: two pollers can never claim the same row.
+    # One UPDATE ... RETURNING statement: two pollers can never claim the same row (on SQLite the write
+    # lock covers the statement; elsewhere the row lock is taken and contended rows are skipped).
     row = conn.execute(
         f"""UPDATE jobs SET status = 'delivered', agent_id = ?, attempts = attempts + 1,
                 assigned_at = ?, lease_expires = ?
-            WHERE id = (SELECT id FROM jobs WHERE {where} ORDER BY created_at, rowid LIMIT 1)
+            WHERE id = (SELECT id FROM jobs WHERE {where} ORDER BY created_at, rowid LIMIT 1{conn.skip_locked})
+              AND status = 'queued'
             RETURNING id, model, messages, options""",
         [agent_id, now, now + delivery_lease, *params]).fetchone()
     if row is None:
