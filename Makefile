@@ -16,6 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: $(STAMP)
 	bash .ci/install-browser
+	bash .ci/install-services
 	$(PY) -m pytest -q -n auto $(ARGS)
 
 lint: $(STAMP)

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .config import DEFAULTS, ENV_PREFIX
+from .config import DEFAULTS, ENV_PREFIX, ConfigError, check_workers, load_config
 from .storage import StorageError, agents, migrated, migrations, open_storage
 
 
@@ -18,7 +18,9 @@ def _db_path(args: argparse.Namespace) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     env = dict(os.environ, **{ENV_PREFIX + "DATABASE": _db_path(args), ENV_PREFIX + "BIND": f"{args.host}:{args.port}"})
-    with migrated(_db_path(args)):         # fail here, with a clear message, not inside a worker
+    # Fail here, with one clear line, not inside a worker.
+    check_workers(load_config(environ=env))
+    with migrated(_db_path(args)):
         pass
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:server.gunicorn_conf", "server.wsgi:app"]
     os.execve(sys.executable, argv, env)
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (migrations.MigrationError, StorageError) as exc:
+    except (migrations.MigrationError, StorageError, ConfigError) as exc:
         print(f"orchestrator: {exc}", file=sys.stderr)
         return 2
 

@@ -100,6 +100,18 @@ def load_config(overrides: Mapping[str, Any] | None = None,
     return config
 
 
+def check_workers(config: Mapping[str, Any]) -> None:
+    """Refuse several workers on SQLite: its wake-ups reach only one process (unless ``NOTIFIER=poll``)."""
+    shared = str(config["DATABASE"]).startswith(("postgresql://", "postgres://"))
+    if config["WORKERS"] > 1 and not shared and config["NOTIFIER"] != "poll":
+        raise ConfigError(
+            f"{ENV_PREFIX}WORKERS={config['WORKERS']} needs PostgreSQL ({ENV_PREFIX}DATABASE=postgresql://...): "
+            "on SQLite a worker's wake-ups reach only its own streams and long polls "
+            f"(or set {ENV_PREFIX}NOTIFIER=poll for the legacy 100 ms database poll)")
+    if config["WORKERS"] < 1:
+        raise ConfigError(f"{ENV_PREFIX}WORKERS must be 1 or more")
+
+
 def markdown_table() -> str:
     """The README's configuration table."""
     rows = ["| Variable | Default | Meaning |", "|---|---|---|"]

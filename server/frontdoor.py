@@ -29,7 +29,7 @@ ROLES = ("system", "user", "assistant", "tool")
 # HTTP statuses for a job that failed before a whole answer could be returned.
 FAILURE_STATUS = {
     "queue_timeout": 503, "attempts_exhausted": 503, "server_shutting_down": 503,
-    "agent_lost": 502, "agent_error": 502, "cancelled": 409, "not_found": 404,
+    "storage_unavailable": 503, "agent_lost": 502, "agent_error": 502, "cancelled": 409, "not_found": 404,
 }
 
 

@@ -5,9 +5,17 @@ Read from the server's settings table (``ORCH_BIND``, ``ORCH_WORKERS``,
 every other setting.  One gevent worker by default: the in-process notifier
 reaches only streams and long polls in its own process.
 """
-from server.config import load_config
+import sys
 
-_settings = load_config()
+from server.config import ConfigError, check_workers, load_config
+
+try:
+    _settings = load_config()
+    check_workers(_settings)
+except ConfigError as exc:
+    # gunicorn would print a traceback for an exception raised here: one line and exit instead.
+    print(f"orchestrator: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 bind = _settings["BIND"]
 worker_class = "gevent"

@@ -7,8 +7,8 @@ per stored chunk after ``after_seq``, ``KeepaliveEvent`` after
 ``KEEPALIVE_SECONDS`` without another event, and exactly one final
 ``DoneEvent(stats)`` or ``ErrorEvent(code, message)``.  Error codes: the
 job's own (``queue_timeout``, ``agent_lost``, ``attempts_exhausted``,
-``agent_error``), ``cancelled``, ``server_shutting_down`` (resume later) and
-``internal_error``.  It needs no request context: it borrows a pooled
+``agent_error``), ``cancelled``, and ``server_shutting_down`` or
+``storage_unavailable`` (resume later).  It needs no request context: it borrows a pooled
 connection for each read and holds no transaction while it waits.  With
 ``NOTIFIER=condition`` it waits on the job's notifier key and reads (one
 indexed query) only when woken; with ``NOTIFIER=poll`` it reads every
@@ -150,9 +150,10 @@ def _next_events(app: Flask, job_id: str, cursor: _Cursor) -> list[Event]:
     try:
         with get_storage(app).connection() as conn:
             progress = jobs.progress(conn, job_id, cursor.last_seq, cursor.reports_status)
-    except StorageError:
-        log.error("stream of job %s: database read failed; ending it with an error", job_id, exc_info=True)
-        progress, error = None, ErrorEvent("internal_error", "the server could not read this request: resume it later")
+    except StorageError as exc:
+        log.error("stream of job %s: database read failed (%s); ending it with an error", job_id, exc)
+        progress, error = None, ErrorEvent("storage_unavailable", "the server's database is unavailable: resume this "
+                                           f"stream later with GET /api/v1/chat/stream/{job_id} and Last-Event-ID")
     else:
         error = ErrorEvent("not_found", f"no request {job_id}")
     if progress is None:

@@ -326,7 +326,7 @@ def test_unreadable_database_ends_the_stream_with_an_error(app, dbconn, agent, m
         raise StorageError("SQLite: database is locked")
 
     monkeypatch.setattr(jobs, "progress", locked)
-    assert collect(streaming.follow(app, request_id)) == [ErrorEvent("internal_error", ANY_MESSAGE)]
+    assert collect(streaming.follow(app, request_id)) == [ErrorEvent("storage_unavailable", ANY_MESSAGE)]
 
 
 def test_request_deleted_under_a_stream_ends_it_with_an_error(app, dbconn, agent):
