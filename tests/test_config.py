@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server import create_app
-from server.config import DEFAULTS, ENV_PREFIX, SETTINGS, ConfigError, load_config
+from server.config import DEFAULTS, ENV_PREFIX, SETTINGS, ConfigError, load_config, markdown_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -55,6 +55,11 @@ def test_readme_documents_every_setting():
     documented = set(re.findall(r"`(ORCH_[A-Z_]+)`", README.read_text()))
     missing = [ENV_PREFIX + s.name for s in SETTINGS if ENV_PREFIX + s.name not in documented]
     assert not missing, f"README.md's configuration table lacks {missing}: run python -m server.config"
+
+
+def test_readme_server_table_is_the_generated_one():
+    # Both directions: a default or help line that drifts in the code or in the README fails here.
+    assert markdown_table() in README.read_text(), "README.md's server table is stale: paste python -m server.config"
 
 
 def test_readme_documents_every_agent_setting():
