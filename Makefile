@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n auto $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check server agent tests bench
+	$(PY) -m ruff check server agent protocol tests bench
 
 run: $(STAMP)
 	$(PY) -m agent.devrun --port $(PORT) $(ARGS)

@@ -19,11 +19,12 @@ from enum import StrEnum
 
 from agent.backend import Backend, BackendError
 from agent.batcher import ChunkBatch, TokenBatcher
-from agent.client import POLL_PATH, ServerClient
+from agent.client import ServerClient
 from agent.config import AgentConfig
 from agent.exceptions import AgentError, JobGone, MalformedJob, ProtocolError, SignatureRejected, TransportError
 from agent.job import Job, JobRun, Poster
 from agent.legacy import LegacyPoster
+from protocol.wire import POLL_PATH
 
 log = logging.getLogger(__name__)
 

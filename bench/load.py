@@ -43,8 +43,8 @@ from bench.processes import (
     wait_until,
 )
 from bench.workload import Profile
+from protocol.wire import POLL_PATH
 
-POLL = "/api/v1/inference/poll"
 IDLE_MODEL = "idle-never-asked"
 DEFAULT_OUT = ROOT / "bench" / "results"
 FD_MARGIN = 1024                 # beyond one descriptor per connection: logs, databases, pipes
@@ -57,10 +57,10 @@ def idle_fleet(url: str, creds_file: Path, wait: float, spread: float) -> None:
     import gevent
     from gevent import socket
 
-    from server.signing import signed_headers
+    from protocol.signing import signed_headers
 
     host, port = urlsplit(url).hostname, urlsplit(url).port
-    path = f"{POLL}?models={IDLE_MODEL}&wait={wait:g}"
+    path = f"{POLL_PATH}?models={IDLE_MODEL}&wait={wait:g}"
     stats = {"in_flight": 0, "polls": 0, "errors": 0, "jobs": 0, "last_error": None}
 
     def fail(message: str) -> None:

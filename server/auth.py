@@ -8,7 +8,9 @@ from functools import wraps
 
 from flask import current_app, g, request
 
-from . import agents, body, signing
+from protocol import signing
+
+from . import agents, body
 from .db import get_db
 from .errors import Unauthorized
 

@@ -20,10 +20,10 @@ import pytest
 import requests
 
 from agent.config import SETTINGS
+from protocol.signing import signed_headers
 from server import create_app
 from server.agents import AgentCredentials, add_agent, online
 from server.db import connect
-from server.signing import signed_headers
 
 ROOT = Path(__file__).resolve().parent.parent
 

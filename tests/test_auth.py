@@ -19,10 +19,10 @@ import pytest
 import requests
 
 from agent.config import SETTINGS as AGENT_SETTINGS
+from protocol.signing import signed_headers
 from server import cli, jobs
 from server.agents import AgentCredentials, add_agent, remove_agent
 from server.db import connect
-from server.signing import signed_headers
 from tests.conftest import ROOT, LiveServer, launch_agent, start_simulator, stored_rows, wait_until
 
 POLL = "/api/v1/inference/poll"

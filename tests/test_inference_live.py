@@ -16,10 +16,10 @@ import pytest
 import requests
 from conftest import LiveServer, wait_until
 
+from protocol.signing import signed_headers
 from server import jobs
 from server.agents import AgentCredentials
 from server.db import connect
-from server.signing import signed_headers
 
 POLL = "/api/v1/inference/poll"
 STREAM = "/api/v1/inference/stream"

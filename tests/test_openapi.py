@@ -18,8 +18,8 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from protocol.signing import signed_headers
 from server.agents import AgentCredentials
-from server.signing import signed_headers
 
 # In the dev extra (setup.cfg); skipped rather than a collection error in a venv made before it was.
 schemathesis = pytest.importorskip("schemathesis")

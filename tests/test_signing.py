@@ -9,7 +9,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from server import signing
+from protocol import signing
 
 PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
 
