@@ -145,7 +145,7 @@ class Process:
 
 def start_simulator(workdir: Path, emit_log: Path) -> tuple[Process, str]:
     """The Ollama simulator with its emission log; every request sets its own timing in `options`."""
-    process = Process("simulator", [sys.executable, "-u", "-m", "agent.simulator", "--port", "0",
+    process = Process("simulator", [sys.executable, "-u", "-m", "sim", "--port", "0",
                                     "--models", "sim", "--emit-log", str(emit_log)], workdir / "simulator.log")
     process.start(stdout_pipe=True)
     return process, process.read_listening_url()

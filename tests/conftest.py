@@ -203,7 +203,7 @@ class Simulator:
 def start_simulator(tmp_path: Path, *args: str) -> Simulator:
     """The Ollama simulator as a subprocess; waits (with a deadline) for its listening line."""
     emit_log = tmp_path / f"sim-emit-{time.monotonic_ns()}.jsonl"
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "agent.simulator", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "sim", "--port", "0",
                              "--emit-log", str(emit_log), *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     selector = selectors.DefaultSelector()

@@ -13,9 +13,9 @@ import pytest
 import requests
 
 from agent.config import SETTINGS
-from agent.simtokens import chat_prompt, expected_text
 from server.agents import list_agents
 from server.db import connect
+from sim.tokens import chat_prompt, expected_text
 from tests.conftest import ROOT, LiveServer, launch_agent, start_simulator, wait_until
 
 SEED = 0  # the simulator's default

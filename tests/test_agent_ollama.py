@@ -10,7 +10,7 @@ import requests
 
 from agent.backend import BackendError
 from agent.ollama import OllamaBackend
-from agent.simtokens import chat_prompt, expected_text
+from sim.tokens import chat_prompt, expected_text
 from tests.conftest import start_simulator, wait_until
 
 MESSAGES = [{"role": "user", "content": "Hello"}]

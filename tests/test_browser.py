@@ -23,7 +23,7 @@ import pytest
 import requests
 from conftest import ROOT, LiveServer, Simulator, wait_until
 
-from agent.simtokens import expected_text
+from sim.tokens import expected_text
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium keeps dialling Google's

@@ -9,9 +9,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.simtokens import chat_prompt, expected_text
 from server import create_app, jobs
 from server.agents import add_agent, touch
+from sim.tokens import chat_prompt, expected_text
 from tests.conftest import LiveServer, launch_agent, start_simulator, wait_until
 
 FAMILIES = {

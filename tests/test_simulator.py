@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from agent.simtokens import SPECIAL_TOKENS, chat_prompt, expected_text, generate_tokens
+from sim.tokens import SPECIAL_TOKENS, chat_prompt, expected_text, generate_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_DEADLINE = 15.0
@@ -59,9 +59,9 @@ class Simulator:
 
 
 def start_simulator(*args: str) -> Simulator:
-    """Start `python -m agent.simulator --port 0 ...` and wait for its listening line."""
+    """Start `python -m sim --port 0 ...` and wait for its listening line."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "agent.simulator", "--port", "0", *args],
+        [sys.executable, "-m", "sim", "--port", "0", *args],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
     selector = selectors.DefaultSelector()

@@ -57,7 +57,7 @@ class Child:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m agent.devrun", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m devtools.devrun", description=__doc__.splitlines()[0],
                                 epilog="Other arguments are passed to the agent, e.g. --legacy or --batch-mode adaptive.")
     p.add_argument("--port", type=int, default=8000, help="the server's port (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="the server's address (default: %(default)s)")
@@ -107,7 +107,7 @@ def start_server(args: argparse.Namespace, db_path: Path, var: Path) -> tuple[Ch
 def start_simulator(var: Path) -> tuple[Child, str]:
     log_path = var / "devrun-simulator.log"
     log_path.write_bytes(b"")
-    sim = spawn("simulator", [sys.executable, "-u", "-m", "agent.simulator", "--port", "0"], log_path)
+    sim = spawn("simulator", [sys.executable, "-u", "-m", "sim", "--port", "0"], log_path)
     deadline = time.monotonic() + STARTUP_DEADLINE
     while time.monotonic() < deadline:  # its first line names the port it got
         for line in log_path.read_text(errors="replace").splitlines():
