@@ -23,6 +23,11 @@ def test_defaults_follow_the_issue():
     assert (config.shutdown_timeout, config.legacy) == (30.0, False)
 
 
+def test_the_readmes_agent_table_is_the_one_the_settings_table_prints():
+    # The README shows every default; a hand edit there (or a default changed here) must not drift.
+    assert markdown_table() in (ROOT / "README.md").read_text(), "run python -m agent.config into README.md"
+
+
 def test_every_setting_has_a_variable_a_flag_help_and_the_dataclass_default():
     defaults = {f.name: f.default for f in dataclasses.fields(AgentConfig)}
     assert {s.field for s in SETTINGS} == set(defaults)
