@@ -10,20 +10,24 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+from devtools.processes import (
+    AgentCredentials,
+    AgentProcess,
+    HarnessError,
+    LiveServer,
+    Process,
+    agent_environment,
+    agent_registered,
+    register_agents,
+    start_simulator,
+    wait_online,
+)
 
-from server import agents, migrations
-from server.db import connect
-
-STARTUP_DEADLINE = 30.0
-STOP_DEADLINE = 40.0  # the agent's own SHUTDOWN_TIMEOUT (30 s) plus room to post
 PROMPT = {"model": "", "messages": [{"role": "user", "content": "Hello"}]}
 
 
@@ -31,114 +35,25 @@ class Stop(Exception):
     """SIGTERM or Ctrl-C: stop everything."""
 
 
-class DevrunError(Exception):
-    """Something failed to start; the message says what and where its log is."""
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    log_path: Path | None = None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_DEADLINE) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)  # its own session: the whole group (gunicorn's worker too)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            where = f" (log: {self.log_path})" if self.log_path else ""
-            raise DevrunError(f"the {self.name} exited with status {self.proc.returncode}{where}")
-
-
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m devtools.devrun", description=__doc__.splitlines()[0],
-                                epilog="Other arguments are passed to the agent, e.g. --legacy or --batch-mode adaptive.")
+                                epilog="Other arguments are passed to the agent, e.g. --legacy or --batch-mode fixed.")
     p.add_argument("--port", type=int, default=8000, help="the server's port (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="the server's address (default: %(default)s)")
     p.add_argument("--var", default="var", help="directory for the database and logs (default: %(default)s)")
     return p.parse_known_args(argv)
 
 
-def local_agent(db_path: Path, creds_path: Path) -> agents.AgentCredentials:
+def local_agent(db_path: Path, creds_path: Path) -> AgentCredentials:
     """The agent `local`: registered once, its credentials kept in `creds_path` for the next run."""
-    conn = connect(str(db_path))
-    try:
-        migrations.migrate(conn)
-        if creds_path.exists():
-            saved = agents.AgentCredentials(**json.loads(creds_path.read_text()))
-            if agents.secret_for(conn, saved.id) == saved.secret:
-                return saved
-        creds = agents.add_agent(conn, "local")
-    finally:
-        conn.conn.close()
+    if creds_path.exists():
+        saved = AgentCredentials(**json.loads(creds_path.read_text()))
+        if agent_registered(db_path, saved):
+            return saved
+    creds = register_agents(db_path, ["local"])[0]
     creds_path.write_text(json.dumps({"id": creds.id, "secret": creds.secret}))
     creds_path.chmod(0o600)
     return creds
-
-
-def spawn(name: str, command: list[str], log_path: Path) -> Child:
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # Ctrl-C reaches us; we stop the children in order
-    return Child(name, proc, log_path)
-
-
-def start_server(args: argparse.Namespace, db_path: Path, var: Path) -> tuple[Child, str]:
-    url = f"http://{args.host}:{args.port}"
-    server = spawn("server", [sys.executable, "-m", "server", "serve", "--db", str(db_path),
-                              "--host", args.host, "--port", str(args.port)], var / "devrun-server.log")
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while time.monotonic() < deadline:
-        server.check_alive()
-        try:
-            requests.get(url + "/api/v1/__ping__", timeout=1)
-            return server, url
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise DevrunError(f"the server did not answer on {url} (log: {server.log_path})")
-
-
-def start_simulator(var: Path) -> tuple[Child, str]:
-    log_path = var / "devrun-simulator.log"
-    log_path.write_bytes(b"")
-    sim = spawn("simulator", [sys.executable, "-u", "-m", "sim", "--port", "0"], log_path)
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while time.monotonic() < deadline:  # its first line names the port it got
-        for line in log_path.read_text(errors="replace").splitlines():
-            if "listening on " in line:
-                return sim, line.rsplit("listening on ", 1)[1].strip()
-        sim.check_alive()
-        time.sleep(0.05)
-    raise DevrunError(f"the simulator did not start (log: {log_path})")
-
-
-def start_agent(agent_args: list[str], creds: agents.AgentCredentials, api_base: str, ollama_url: str) -> Child:
-    env = dict(os.environ, API_BASE=api_base, AGENT_ID=creds.id, AGENT_SECRET=creds.secret, OLLAMA_URL=ollama_url,
-               PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "agent", *agent_args], env=env, start_new_session=True)
-    return Child("agent", proc)  # its log lines go to this terminal
-
-
-def wait_online(agent: Child, db_path: Path, agent_id: str) -> list[str]:
-    """The agent's declared models once the server counts it online."""
-    conn = connect(str(db_path))
-    try:
-        deadline = time.monotonic() + STARTUP_DEADLINE
-        while time.monotonic() < deadline:
-            agent.check_alive()
-            for row in agents.online(conn, time.time(), STARTUP_DEADLINE):
-                if row["id"] == agent_id:
-                    return row["models"]
-            time.sleep(0.1)
-    finally:
-        conn.conn.close()
-    raise DevrunError("the agent did not come online (see its log above)")
 
 
 def curl_line(api_base: str, model: str) -> str:
@@ -157,40 +72,44 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, agent_args = parse_args(argv)
-    var = Path(args.var)
+    var = Path(args.var).resolve()  # the children run from the repository's root
     var.mkdir(parents=True, exist_ok=True)
     db_path = var / "devrun.db"
     creds = local_agent(db_path, var / "devrun-agent.json")
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    children: list[Child] = []
+    children: list[Process] = []
     try:
-        server, api_base = start_server(args, db_path, var)
+        server = LiveServer(db_path, var / "devrun-server.log", port=args.port, host=args.host).launch()
         children.append(server)
+        server.wait_ready()
         ollama_url = os.environ.get("OLLAMA_URL")
         if not ollama_url:
-            simulator, ollama_url = start_simulator(var)
+            simulator = start_simulator(var, name="devrun-simulator")
             children.append(simulator)
-        agent = start_agent(agent_args, creds, api_base, ollama_url)
-        children.append(agent)
-        models = wait_online(agent, db_path, creds.id)
+            ollama_url = simulator.url
+        # The developer's own agent settings (MODELS, BATCH_MODE...) apply; its log lines go to this terminal.
+        agent = AgentProcess("agent", creds, agent_environment(server.url, creds, ollama_url, inherit_settings=True),
+                             None, agent_args)
+        children.append(agent.start())
+        models = wait_online(agent, server)["models"]
         model = "sim" if "sim" in models else next((m for m in models if not m.endswith(":latest")), "llama3")
-        print(f"\nserver {api_base} (log: {server.log_path}), Ollama {ollama_url}, agent {creds.id}\n"
-              f"Stream an answer:\n\n{curl_line(api_base, model)}\n\nCtrl-C stops all three.", flush=True)
+        print(f"\nserver {server.url} (log: {server.log_path}), Ollama {ollama_url}, agent {creds.id}\n"
+              f"Stream an answer:\n\n{curl_line(server.url, model)}\n\nCtrl-C stops all three.", flush=True)
         while True:
             for child in children:
                 child.check_alive()
             time.sleep(0.5)
     except Stop:
         return 0
-    except DevrunError as exc:
+    except HarnessError as exc:
         print(f"devrun: {exc}", file=sys.stderr)
         return 1
     finally:
         stop_all(children)
 
 
-def stop_all(children: list[Child]) -> None:
+def stop_all(children: list[Process]) -> None:
     """The agent first (it finishes its jobs while the server is up), then the simulator, then the server."""
     remaining = list(reversed(children))
     try:

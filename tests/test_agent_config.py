@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from agent.config import SETTINGS, AgentConfig, ConfigError, load_config, markdown_table
-from tests.conftest import ROOT
+from devtools.processes import ROOT
 
 CREDS = {"AGENT_ID": "agt_1", "AGENT_SECRET": "s3cret"}
 

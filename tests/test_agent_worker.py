@@ -19,7 +19,7 @@ from agent.exceptions import JobGone, MalformedJob, SignatureRejected, Transport
 from agent.job import Job
 from agent.legacy import LegacyPoster
 from agent.worker import SHUTDOWN_REASON, StartupError, Worker
-from tests.conftest import wait_until
+from devtools.processes import wait_until
 
 STATS = {"done_reason": "stop", "eval_count": 3}
 

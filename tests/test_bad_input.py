@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from devtools.processes import LiveServer
 from server.db import connect
-from tests.conftest import LiveServer, sign, stored_rows
+from tests.conftest import sign, stored_rows
 
 NATIVE, OPENAI, OLLAMA = "native", "openai", "ollama"
 JOB = "{job}"                      # replaced by the id of the job the agent holds

@@ -15,7 +15,7 @@ from agent.backoff import Backoff
 from agent.batcher import ChunkBatch, SendReply, TokenBatcher
 from agent.config import load_config
 from agent.exceptions import JobGone, ProtocolError, SeqConflict, TransportError
-from tests.conftest import wait_until
+from devtools.processes import wait_until
 
 JOB = "job-1"
 

@@ -12,7 +12,7 @@ import threading
 import requests
 
 from agent.config import SETTINGS
-from tests.conftest import ROOT, free_port, wait_until
+from devtools.processes import ROOT, free_port, wait_until
 
 
 def test_devrun_prints_a_curl_line_that_streams_an_answer_and_ctrl_c_stops_everything(tmp_path):

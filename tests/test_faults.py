@@ -16,8 +16,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from devtools.processes import LiveServer, start_simulator, wait_until
 from server.db import connect
-from tests.conftest import LiveServer, sign, start_simulator, wait_until
+from tests.conftest import sign
 from tests.flaky_proxy import Fate, FlakyProxy
 from tests.test_agent_e2e import Answer, EventStream, chat, expected, start_chat
 

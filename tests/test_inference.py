@@ -7,8 +7,9 @@ import threading
 import time
 
 import pytest
-from conftest import agent_get, agent_post, sign, wait_until
+from conftest import agent_get, agent_post, sign
 
+from devtools.processes import wait_until
 from server import agents, jobs
 from server import db as database
 

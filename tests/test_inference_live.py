@@ -14,8 +14,8 @@ import time
 
 import pytest
 import requests
-from conftest import LiveServer, wait_until
 
+from devtools.processes import LiveServer, agent_online, wait_until
 from protocol.signing import signed_headers
 from server import jobs
 from server.agents import AgentCredentials
@@ -103,12 +103,8 @@ def queue_in_database(server: LiveServer, count: int, model: str = "llama") -> l
         db.conn.close()
 
 
-def last_seen(server: LiveServer, agent: Agent) -> float | None:
-    db = connect(str(server.db_path))
-    try:
-        return db.execute("SELECT last_seen FROM agents WHERE id = ?", (agent.creds.id,)).fetchone()[0]
-    finally:
-        db.conn.close()
+def has_polled(server: LiveServer, agent: Agent) -> bool:
+    return agent_online(server.db_path, agent.creds.id) is not None
 
 
 def in_threads(target, agents: list[Agent]) -> None:
@@ -185,7 +181,7 @@ def test_twenty_parked_long_polls_share_fifty_chats_and_each_job_is_handed_out_o
 
     workers = threading.Thread(target=in_threads, args=(work, fleet), daemon=True)
     workers.start()
-    wait_until(lambda: all(last_seen(server, a) for a in fleet), message="every agent to poll")
+    wait_until(lambda: all(has_polled(server, a) for a in fleet), message="every agent to poll")
     chats = [Chat(server, "fleet:1b") for _ in range(50)]
     assert [chat.result() for chat in chats] == [("ok", "done")] * 50
     stop.set()
@@ -208,7 +204,7 @@ def test_long_poll_answers_with_the_job_a_chat_queues_and_the_chat_gets_the_answ
     polled: list[requests.Response] = []
     parked = threading.Thread(target=lambda: polled.append(agent.poll("models=live:1b&wait=20")), daemon=True)
     parked.start()
-    wait_until(lambda: last_seen(server, agent), message="the long poll to arrive")
+    wait_until(lambda: has_polled(server, agent), message="the long poll to arrive")
     chat = Chat(server, "live:1b")
     parked.join(TIMEOUT)
     job = polled[0].json()
@@ -252,7 +248,7 @@ def test_job_delivered_to_a_vanished_poller_goes_back_to_the_queue_and_to_anothe
     server = fast_lease_server
     vanished, survivor = new_agent(server), new_agent(server)
     sock = raw_long_poll(server, vanished, "models=vanish:1b&wait=20")
-    wait_until(lambda: last_seen(server, vanished), message="the long poll to arrive")
+    wait_until(lambda: has_polled(server, vanished), message="the long poll to arrive")
     sock.close()
     chat = Chat(server, "vanish:1b")
     db = connect(str(server.db_path))

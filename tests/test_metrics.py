@@ -9,10 +9,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.processes import LiveServer, launch_agent, start_simulator, wait_until
 from server import create_app, jobs
 from server.agents import add_agent, touch
 from sim.tokens import chat_prompt, expected_text
-from tests.conftest import LiveServer, launch_agent, start_simulator, wait_until
 
 FAMILIES = {
     "orchestrator_requests": "gauge", "orchestrator_queue_depth": "gauge", "orchestrator_agents_online": "gauge",

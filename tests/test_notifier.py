@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from conftest import wait_until
-
+from devtools.processes import wait_until
 from server import jobs
 from server.notifier import Notifier
 

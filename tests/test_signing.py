@@ -7,8 +7,8 @@ import hmac
 import re
 
 import pytest
-from conftest import ROOT
 
+from devtools.processes import ROOT
 from protocol import signing
 
 PROTOCOL_DOC = ROOT / "docs" / "protocol.md"

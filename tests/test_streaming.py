@@ -10,8 +10,8 @@ import time
 from unittest import mock
 
 import pytest
-from conftest import wait_until
 
+from devtools.processes import wait_until
 from server import agents, jobs, streaming
 from server.errors import BadRequest, NotFound
 from server.streaming import ChunkEvent, DisconnectGuard, DoneEvent, ErrorEvent, KeepaliveEvent, StatusEvent
