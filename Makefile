@@ -20,10 +20,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n auto $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check server agent tests bench
+	$(PY) -m ruff check server agent protocol sim devtools tests bench
 
 run: $(STAMP)
-	$(PY) -m agent.devrun --port $(PORT) $(ARGS)
+	$(PY) -m devtools.devrun --port $(PORT) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

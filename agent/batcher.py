@@ -6,22 +6,20 @@ owns the network, so a slow POST never stalls the thread reading Ollama.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.backoff import Backoff
+from agent.config import DEFAULTS
 from agent.exceptions import JobGone, ProtocolError, SeqConflict, TransportError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 5
-DEFAULT_MAX_DELAY = 0.05
 DEFAULT_RETRY_DEADLINE = 60.0
-DEFAULT_BACKOFF_BASE = 0.05
-DEFAULT_BACKOFF_CAP = 2.0
-BACKOFF_FACTOR = 2.0
+# A lost POST is retried after 50 ms, 100 ms, ... up to 2 s, until the retry deadline.
+DEFAULT_BACKOFF = Backoff(base=0.05, cap=2.0)
 
 
 @dataclass(frozen=True)
@@ -66,9 +64,9 @@ class TokenBatcher:
     """
 
     def __init__(self, job_id: str, send: Callable[[ChunkBatch], SendReply], *,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, max_delay: float = DEFAULT_MAX_DELAY,
-                 adaptive: bool = False, retry_deadline: float = DEFAULT_RETRY_DEADLINE,
-                 backoff_base: float = DEFAULT_BACKOFF_BASE, backoff_cap: float = DEFAULT_BACKOFF_CAP,
+                 max_tokens: int = DEFAULTS["BATCH_MAX_TOKENS"], max_delay: float = DEFAULTS["BATCH_MAX_DELAY"],
+                 adaptive: bool = DEFAULTS["BATCH_MODE"] == "adaptive",
+                 retry_deadline: float = DEFAULT_RETRY_DEADLINE, backoff: Backoff = DEFAULT_BACKOFF,
                  on_cancel: Callable[[], None] | None = None) -> None:
         if max_tokens < 1 or max_delay < 0:
             raise ValueError("max_tokens must be >= 1 and max_delay >= 0")
@@ -83,8 +81,7 @@ class TokenBatcher:
         # at the price of up to max_delay extra latency per token.
         self._adaptive = adaptive
         self._retry_deadline = retry_deadline
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
+        self._backoff = backoff
         self._on_cancel = on_cancel
 
         self._cond = threading.Condition()
@@ -243,7 +240,7 @@ class TokenBatcher:
                       self.job_id, batch.seq, self._retry_deadline, exc)
             self._give_up(exc)
             return False
-        delay = min(self._backoff(attempt), left)
+        delay = min(self._backoff.delay(attempt), left)
         log.warning("job %s: POST seq %d failed (%s), retry %d in %.3f s",
                     self.job_id, batch.seq, exc, attempt + 1, delay)
         with self._cond:
@@ -254,12 +251,6 @@ class TokenBatcher:
         with self._cond:
             self._sent_requests += 1
         return self._send(batch)  # outside the lock: add() must never wait for the network
-
-    def _backoff(self, attempt: int) -> float:
-        delay = min(self._backoff_cap, self._backoff_base * BACKOFF_FACTOR ** min(attempt, 32))
-        # Jitter spreads the agents that all lost the server at once; keeping half the
-        # delay guarantees the back-off still grows.
-        return delay * random.uniform(0.5, 1.0)
 
     def _acknowledge(self, batch: ChunkBatch, next_seq: int, *, accepted: bool) -> None:
         """The server holds everything before `next_seq`: forget those tokens."""

@@ -37,10 +37,9 @@ from agent.exceptions import (
     TransportError,
 )
 from agent.job import Job
-from server.signing import signed_headers
+from protocol.signing import signed_headers
+from protocol.wire import POLL_PATH, STREAM_PATH
 
-POLL_PATH = "/api/v1/inference/poll"
-STREAM_PATH = "/api/v1/inference/stream"
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 15.0  # a chunk POST is one short transaction; beyond this the server is in trouble
 USER_AGENT = "ollama-orchestrator-agent/0.1"

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
 OLLAMA_DEFAULT_PORT = 11434
 
 
@@ -131,8 +130,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("AGENT_ID", None, "This agent's id, from `orchestrator agents add NAME`.", required=True),
     Setting("AGENT_SECRET", None, "This agent's secret, shown once by `orchestrator agents add`; "
             "prefer the environment to the flag, which `ps` shows.", required=True),
-    Setting("OLLAMA_URL", DEFAULT_OLLAMA_URL, "Ollama's URL; when unset, derived from Ollama's own "
-            "`OLLAMA_HOST`.", _url),
+    Setting("OLLAMA_URL", f"http://127.0.0.1:{OLLAMA_DEFAULT_PORT}", "Ollama's URL; when unset, derived from "
+            "Ollama's own `OLLAMA_HOST`.", _url),
     Setting("BACKEND", "ollama", "`ollama` (Ollama's native API) or `openai` (any server streaming "
             "`/v1/chat/completions`: llama.cpp's llama-server, vLLM, LM Studio).", _backend),
     Setting("BACKEND_URL", "", "The engine's URL; required with BACKEND=openai (e.g. http://127.0.0.1:8080, "
@@ -158,27 +157,31 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+# The one home of every agent default: AgentConfig and TokenBatcher read theirs from here.
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS if not s.required}
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """The agent's settings after parsing; field names are the settings' names in lower case."""
 
     agent_id: str
     agent_secret: str
-    api_base: str = "http://127.0.0.1:8000"
-    ollama_url: str = DEFAULT_OLLAMA_URL
-    backend: str = "ollama"
-    backend_url: str = ""
-    backend_api_key: str = ""
-    poll_interval: float = 0.1
-    long_poll: float = 0.0
-    max_jobs: int = 1
-    models: tuple[str, ...] = ()
-    batch_max_tokens: int = 5
-    batch_max_delay: float = 0.05
-    batch_mode: str = "adaptive"
-    shutdown_timeout: float = 30.0
-    legacy: bool = False
-    log_level: str = "INFO"
+    api_base: str = DEFAULTS["API_BASE"]
+    ollama_url: str = DEFAULTS["OLLAMA_URL"]
+    backend: str = DEFAULTS["BACKEND"]
+    backend_url: str = DEFAULTS["BACKEND_URL"]
+    backend_api_key: str = DEFAULTS["BACKEND_API_KEY"]
+    poll_interval: float = DEFAULTS["POLL_INTERVAL"]
+    long_poll: float = DEFAULTS["LONG_POLL"]
+    max_jobs: int = DEFAULTS["MAX_JOBS"]
+    models: tuple[str, ...] = DEFAULTS["MODELS"]
+    batch_max_tokens: int = DEFAULTS["BATCH_MAX_TOKENS"]
+    batch_max_delay: float = DEFAULTS["BATCH_MAX_DELAY"]
+    batch_mode: str = DEFAULTS["BATCH_MODE"]
+    shutdown_timeout: float = DEFAULTS["SHUTDOWN_TIMEOUT"]
+    legacy: bool = DEFAULTS["LEGACY"]
+    log_level: str = DEFAULTS["LOG_LEVEL"]
 
     @property
     def adaptive(self) -> bool:

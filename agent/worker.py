@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import select
 import signal
 import threading
@@ -18,19 +17,20 @@ from collections.abc import Callable
 from enum import StrEnum
 
 from agent.backend import Backend, BackendError
+from agent.backoff import Backoff
 from agent.batcher import ChunkBatch, TokenBatcher
-from agent.client import POLL_PATH, ServerClient
+from agent.client import ServerClient
 from agent.config import AgentConfig
 from agent.exceptions import AgentError, JobGone, MalformedJob, ProtocolError, SignatureRejected, TransportError
 from agent.job import Job, JobRun, Poster
 from agent.legacy import LegacyPoster
+from protocol.wire import POLL_PATH
 
 log = logging.getLogger(__name__)
 
 MODELS_REFRESH_SECONDS = 60.0
-DEFAULT_BACKOFF_BASE = 0.1
-BACKOFF_FACTOR = 2.0
-DEFAULT_BACKOFF_CAP = 10.0
+# An unreachable or confused server is polled again after 0.1 s, 0.2 s, ... up to 10 s.
+DEFAULT_BACKOFF = Backoff(base=0.1, cap=10.0)
 # After the shutdown deadline, the aborted jobs get this long to post their final error.
 SHUTDOWN_FINISH_GRACE = 5.0
 SHUTDOWN_REASON = "the agent shut down before the answer was complete"
@@ -80,9 +80,7 @@ class Wakeup:
 class Worker:
     """One agent: polls the server for jobs its backend can run and streams the answers back."""
 
-    backoff_base = DEFAULT_BACKOFF_BASE
-    backoff_factor = BACKOFF_FACTOR
-    backoff_cap = DEFAULT_BACKOFF_CAP
+    backoff = DEFAULT_BACKOFF
     models_refresh = MODELS_REFRESH_SECONDS
 
     def __init__(self, config: AgentConfig, client: ServerClient, backend: Backend) -> None:
@@ -228,13 +226,11 @@ class Worker:
     def _server_trouble(self, state: ServerState, exc: AgentError) -> float:
         """Back off exponentially with jitter; log once per change of state, not per failure."""
         self._failures += 1
-        delay = min(self.backoff_cap, self.backoff_base * self.backoff_factor ** min(self._failures - 1, 32))
         if state is not self._server_state:
             log.warning("%s: server %s (%s); retrying with back-off up to %g s",
-                        self.name, state.value, exc, self.backoff_cap)
+                        self.name, state.value, exc, self.backoff.cap)
             self._server_state = state
-        # Jitter spreads agents that lost the server together; keeping half keeps the growth.
-        return delay * random.uniform(0.5, 1.0)
+        return self.backoff.delay(self._failures - 1)
 
     def _report_malformed(self, exc: MalformedJob) -> None:
         log.error("%s: the server sent a malformed job (%s)%s", self.name, exc,

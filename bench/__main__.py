@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from bench.configs import CONFIGURATIONS, Configuration, networks, variant
-from bench.processes import ROOT, StartError
 from bench.report import evaluate, git_revision, machine, markdown, now_iso, summaries, write_json
 from bench.runner import BenchRun, RunOptions, RunResults
 from bench.workload import PROFILES
+from devtools.processes import ROOT, HarnessError
 
 NETWORKS = ("loopback", "wan")
 DEFAULT_OUT = ROOT / "bench" / "results"
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with BenchRun(options, workdir) as run:
             results = run.run()
-    except StartError as exc:
+    except HarnessError as exc:
         print(f"bench: {exc}\nbench: logs and databases kept in {workdir}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

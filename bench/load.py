@@ -30,21 +30,22 @@ from urllib.parse import urlsplit
 from bench.client import Trace, stream_chat
 from bench.logs import EmissionLog
 from bench.metrics import ChatResult, measure_chat, percentile
-from bench.processes import (
+from bench.processes import cpu_seconds, launch_bench_agent, launch_server
+from bench.workload import Profile
+from devtools.processes import (
     ROOT,
+    AgentProcess,
+    HarnessError,
+    LiveServer,
     Process,
-    Server,
-    StartError,
-    cpu_seconds,
-    launch_agent,
-    launch_server,
+    Simulator,
+    register_agents,
     start_simulator,
-    wait_polled,
+    wait_online,
     wait_until,
 )
-from bench.workload import Profile
+from protocol.wire import POLL_PATH
 
-POLL = "/api/v1/inference/poll"
 IDLE_MODEL = "idle-never-asked"
 DEFAULT_OUT = ROOT / "bench" / "results"
 FD_MARGIN = 1024                 # beyond one descriptor per connection: logs, databases, pipes
@@ -57,10 +58,10 @@ def idle_fleet(url: str, creds_file: Path, wait: float, spread: float) -> None:
     import gevent
     from gevent import socket
 
-    from server.signing import signed_headers
+    from protocol.signing import signed_headers
 
     host, port = urlsplit(url).hostname, urlsplit(url).port
-    path = f"{POLL}?models={IDLE_MODEL}&wait={wait:g}"
+    path = f"{POLL_PATH}?models={IDLE_MODEL}&wait={wait:g}"
     stats = {"in_flight": 0, "polls": 0, "errors": 0, "jobs": 0, "last_error": None}
 
     def fail(message: str) -> None:
@@ -149,7 +150,7 @@ def worker_pid(arbiter: int, timeout: float = 30.0) -> int:
             except (OSError, ValueError, IndexError):
                 continue
         return None
-    return wait_until(child, timeout, "the gunicorn worker")
+    return wait_until(child, timeout, message="the gunicorn worker")
 
 
 def rss_mb(pid: int) -> float:
@@ -186,11 +187,7 @@ def sample(pid: int, fleet: FleetMonitor, samples: Samples, stop: threading.Even
 
 
 def register_idle_agents(db_path: Path, count: int, creds_file: Path) -> None:
-    from server.storage import migrated
-    from server.storage.agents import add_agent
-
-    with migrated(str(db_path)) as conn, conn.transaction():
-        creds = [add_agent(conn, f"idle-{i:05d}") for i in range(count)]
+    creds = register_agents(db_path, [f"idle-{i:05d}" for i in range(count)])
     creds_file.write_text(json.dumps([[c.id, c.secret] for c in creds]))
 
 
@@ -215,13 +212,13 @@ class Stack:
     """The run's processes, started in order (stopped in reverse)."""
 
     started: list[Process] = field(default_factory=list)
-    sim: Process | None = None
+    sim: Simulator | None = None
     sim_url: str = ""
-    server: Server | None = None
+    server: LiveServer | None = None
     worker: int = 0                         # the gunicorn worker's pid
     fleet: Process | None = None
     fleet_status: FleetMonitor | None = None
-    agents: list[Process] = field(default_factory=list)
+    agents: list[AgentProcess] = field(default_factory=list)
 
     def stop(self) -> None:
         for process in reversed(self.started):
@@ -230,17 +227,18 @@ class Stack:
 
 def start_stack(args: argparse.Namespace, workdir: Path, stack: Stack) -> dict:
     """Simulator, server, the parked idle fleet and the serving agents; the worker's state before and after the fleet."""
-    stack.sim, stack.sim_url = start_simulator(workdir, workdir / "emissions.jsonl")
+    stack.sim = start_simulator(workdir, "--models", "sim", emit_log=workdir / "emissions.jsonl")
+    stack.sim_url = stack.sim.url
     stack.started.append(stack.sim)
     # No access log: 2,000 idle polls and thousands of POSTs a second would be written for nothing.
     server = stack.server = launch_server(workdir, "load", {"ORCH_ACCESS_LOG": ""})
-    stack.started.append(server.process)
+    stack.started.append(server)
     server.wait_ready()
-    pid = stack.worker = worker_pid(server.process.pid)
+    pid = stack.worker = worker_pid(server.pid)
     bare = {"rss_mb": rss_mb(pid), "sockets": open_sockets(pid)}
 
     creds_file = workdir / "idle-agents.json"
-    register_idle_agents(server.db_path, args.idle_agents, creds_file)
+    register_idle_agents(server.database, args.idle_agents, creds_file)
     # First polls spread over one `wait`, as independent agents' would be: no herd re-polling at once.
     fleet = stack.fleet = Process("idle fleet", [sys.executable, "-m", "bench.load", "idle-fleet", "--url", server.url,
                                    "--creds", str(creds_file), "--wait", str(args.wait), "--spread", str(args.wait)],
@@ -248,15 +246,15 @@ def start_stack(args: argparse.Namespace, workdir: Path, stack: Stack) -> dict:
     stack.started.append(fleet.start(stdout_pipe=True))
     monitor = stack.fleet_status = FleetMonitor(fleet)
     wait_until(lambda: fleet.check_alive() or monitor.latest["in_flight"] >= args.idle_agents, args.wait + 120,
-               f"{args.idle_agents} parked long polls")
+               message=f"{args.idle_agents} parked long polls")
     idle = {"rss_mb": rss_mb(pid), "sockets": open_sockets(pid), "parked": monitor.latest["in_flight"]}
 
     settings = {"MAX_JOBS": str(math.ceil(args.chats / args.agents)), "LONG_POLL": "25", **dict(args.agent_env)}
     for i in range(args.agents):
-        stack.agents.append(launch_agent(workdir, f"gpu-{i}", server, server.url, stack.sim_url, settings))
+        stack.agents.append(launch_bench_agent(workdir, f"gpu-{i}", server, server.url, stack.sim_url, settings))
         stack.started.append(stack.agents[-1])
     for agent in stack.agents:
-        wait_polled(agent, server)
+        wait_online(agent, server)
     return {"server_bare": bare, "server_with_idle_fleet": idle}
 
 
@@ -267,7 +265,7 @@ def stream_chats(args: argparse.Namespace, stack: Stack, tags: list[str]) -> tup
     samples, stop = Samples(), threading.Event()
     sampler = threading.Thread(target=sample, args=(stack.worker, stack.fleet_status, samples, stop), daemon=True)
     sampler.start()
-    roles = {"server": [stack.server.process.pid], "agents": [a.pid for a in stack.agents],
+    roles = {"server": [stack.server.pid], "agents": [a.pid for a in stack.agents],
              "simulator": [stack.sim.pid], "idle fleet": [stack.fleet.pid]}
 
     def cpu_now() -> dict[str, float]:
@@ -327,7 +325,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         traces, costs = stream_chats(args, stack, tags)
     finally:
         stack.stop()
-    tracebacks = stack.server.process.log_path.read_text(errors="replace").count("Traceback")
+    tracebacks = stack.server.log_path.read_text(errors="replace").count("Traceback")
     return {"fd_limit": list(limit), **figures, **costs, "server_tracebacks": tracebacks,
             **measure(tags, traces, workdir / "emissions.jsonl")}
 
@@ -409,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-load-"))
     try:
         figures = run(args, workdir)
-    except (StartError, sqlite3.Error) as exc:
+    except (HarnessError, sqlite3.Error) as exc:
         print(f"bench.load: {exc}\nbench.load: logs kept in {workdir}", file=sys.stderr)
         return 2
     print(markdown(figures, args))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench.configs import Claims
 from bench.metrics import SUMMARY_FIELDS, ChatResult, Window, summarize
-from bench.processes import ROOT
+from devtools.processes import ROOT
 
 # (header, summary field or "claim:<attribute>"), in table order.
 LATENCY_COLUMNS = (

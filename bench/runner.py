@@ -20,17 +20,9 @@ from bench.client import Trace, stream_chat, stream_ollama
 from bench.configs import Configuration, Network
 from bench.logs import AccessLog, EmissionLog
 from bench.metrics import ChatResult, Window, measure_chat
-from bench.processes import (
-    Process,
-    Server,
-    cpu_seconds,
-    launch_agent,
-    launch_proxy,
-    launch_server,
-    start_simulator,
-    wait_polled,
-)
+from bench.processes import access_log_path, cpu_seconds, launch_bench_agent, launch_proxy, launch_server
 from bench.workload import Profile
+from devtools.processes import AgentProcess, LiveServer, Process, Simulator, start_simulator, wait_online
 
 # After a chat's last byte, wait this long (plus the round trip) before the closing CPU and request samples,
 # so the final POST's access-log line and the agent's bookkeeping land in the chat's window.
@@ -53,11 +45,11 @@ class Cell:
 
     config: Configuration
     network: Network
-    server: Server | None = None
+    server: LiveServer | None = None
     access: AccessLog | None = None
     proxy: Process | None = None  # the emulated WAN; on loopback agents talk to the server itself
     api_base: str = ""  # where the agents send their requests
-    agents: list[Process] = field(default_factory=list)
+    agents: list[AgentProcess] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -71,10 +63,10 @@ class Cell:
         """CPU seconds so far of the server (arbiter and worker) and of the agents."""
         if self.server is None:
             return 0.0, 0.0
-        return cpu_seconds([self.server.process.pid]), cpu_seconds([a.pid for a in self.agents])
+        return cpu_seconds([self.server.pid]), cpu_seconds([a.pid for a in self.agents])
 
     def processes(self) -> list[Process]:
-        return [*self.agents, *([self.proxy] if self.proxy else []), *([self.server.process] if self.server else [])]
+        return [*self.agents, *([self.proxy] if self.proxy else []), *([self.server] if self.server else [])]
 
 
 @dataclass
@@ -117,7 +109,7 @@ class BenchRun:
         self.options = options
         self.workdir = workdir
         self._make_progress = progress
-        self.simulator: Process | None = None
+        self.simulator: Simulator | None = None
         self.simulator_url = ""
         self.emissions = EmissionLog(workdir / "emissions.jsonl")
         self.cells = [Cell(c, options.networks[0]) for c in options.configs if c.direct]
@@ -132,11 +124,12 @@ class BenchRun:
 
     def start(self, progress: Progress) -> None:
         """The simulator, then every cell's server and proxy: launched together, then waited for."""
-        self.simulator, self.simulator_url = start_simulator(self.workdir, self.emissions.path)
+        self.simulator = start_simulator(self.workdir, "--models", "sim", emit_log=self.emissions.path)
+        self.simulator_url = self.simulator.url
         served = [cell for cell in self.cells if not cell.config.direct]
         for cell in served:
             cell.server = launch_server(self.workdir, _file_name(cell.key), cell.config.server_env)
-            cell.access = AccessLog(cell.server.access_log)
+            cell.access = AccessLog(access_log_path(self.workdir, _file_name(cell.key)))
         for cell in served:
             cell.server.wait_ready()
             cell.api_base = cell.server.url
@@ -199,12 +192,12 @@ class BenchRun:
             env = {**cell.config.agent_env, "MAX_JOBS": str(max_jobs)}
             for _ in range(count):
                 self._agent_count += 1
-                agent = launch_agent(self.workdir, f"{_file_name(cell.key)}-{self._agent_count}", cell.server,
-                                     cell.api_base, self.simulator_url, env, cell.config.agent_args)
+                agent = launch_bench_agent(self.workdir, f"{_file_name(cell.key)}-{self._agent_count}", cell.server,
+                                           cell.api_base, self.simulator_url, env, cell.config.agent_args)
                 cell.agents.append(agent)
                 started.append((agent, cell.server))
         for agent, server in started:
-            wait_polled(agent, server)
+            wait_online(agent, server)
 
     def _stop_agents(self, cell: Cell) -> None:
         for agent in cell.agents:

@@ -8,7 +8,9 @@ from functools import wraps
 
 from flask import current_app, g, request
 
-from . import body, signing
+from protocol import signing
+
+from . import body
 from .errors import Unauthorized
 from .storage import agents, get_db
 

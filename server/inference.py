@@ -13,6 +13,8 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from werkzeug.datastructures import MultiDict
 
+from protocol.wire import POLL_PATH, STREAM_PATH
+
 from . import body
 from .auth import agent_required
 from .errors import BadRequest
@@ -54,7 +56,7 @@ class ChunkPost:
 
 # --- poll -------------------------------------------------------------------
 
-@bp.get("/api/v1/inference/poll")
+@bp.get(POLL_PATH)
 @agent_required
 def poll():
     app = current_app._get_current_object()
@@ -139,7 +141,7 @@ def _wait_for_job(app: Flask, agent_id: str, models: list[str] | None, params: P
 
 # --- stream -----------------------------------------------------------------
 
-@bp.post("/api/v1/inference/stream")
+@bp.post(STREAM_PATH)
 @agent_required
 def stream():
     post = chunk_post(body.json_object())

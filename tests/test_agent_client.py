@@ -12,7 +12,7 @@ from agent.batcher import ChunkBatch, SendReply
 from agent.client import ServerClient
 from agent.exceptions import JobGone, MalformedJob, ProtocolError, SeqConflict, SignatureRejected, TransportError
 from agent.job import Job
-from server import signing
+from protocol import signing
 
 SECRET = "s3cret"
 JOB = {"id": "j1", "model": "sim", "messages": [{"role": "user", "content": "hé"}], "options": {"seed": 1},

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from agent.config import SETTINGS, AgentConfig, ConfigError, load_config, markdown_table
-from tests.conftest import ROOT
+from devtools.processes import ROOT
 
 CREDS = {"AGENT_ID": "agt_1", "AGENT_SECRET": "s3cret"}
 
@@ -21,6 +21,11 @@ def test_defaults_follow_the_issue():
     assert (config.poll_interval, config.long_poll, config.max_jobs, config.models) == (0.1, 0.0, 1, ())
     assert (config.batch_max_tokens, config.batch_max_delay, config.batch_mode) == (5, 0.05, "adaptive")
     assert (config.shutdown_timeout, config.legacy) == (30.0, False)
+
+
+def test_the_readmes_agent_table_is_the_one_the_settings_table_prints():
+    # The README shows every default; a hand edit there (or a default changed here) must not drift.
+    assert markdown_table() in (ROOT / "README.md").read_text(), "run python -m agent.config into README.md"
 
 
 def test_every_setting_has_a_variable_a_flag_help_and_the_dataclass_default():

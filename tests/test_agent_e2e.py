@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,11 +11,10 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from agent.config import SETTINGS
-from agent.simtokens import chat_prompt, expected_text
+from devtools.processes import ROOT, LiveServer, agent_environment, launch_agent, start_simulator, wait_until
 from server.storage import migrated
-from server.storage.agents import list_agents
-from tests.conftest import ROOT, LiveServer, launch_agent, start_simulator, wait_until
+from server.storage.agents import AgentCredentials, list_agents
+from sim.tokens import chat_prompt, expected_text
 
 SEED = 0  # the simulator's default
 
@@ -130,9 +128,7 @@ def test_a_failing_ollama_ends_the_chat_with_a_clear_error_and_the_agent_keeps_s
 
 def test_a_wrong_secret_stops_the_agent_at_start_with_one_line(stack):
     server, sim, _ = stack
-    env = {k: v for k, v in os.environ.items() if k not in {s.name for s in SETTINGS} | {"OLLAMA_HOST"}}
-    env |= {"API_BASE": server.url, "AGENT_ID": server.add_agent("wrong").id, "AGENT_SECRET": "not-the-secret",
-            "OLLAMA_URL": sim.url}
+    env = agent_environment(server.url, AgentCredentials(server.add_agent("wrong").id, "not-the-secret"), sim.url)
     result = subprocess.run([sys.executable, "agent/agent.py"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -192,7 +188,7 @@ def test_two_agents_with_two_slots_serve_ten_concurrent_chats_then_stop_from_a_l
         thread.join(60)
     for i in range(10):
         assert answers[i].done and answers[i].text == expected(f"question {i}", 30, "other"), i
-    with migrated(str(server.db_path)) as conn:
+    with migrated(server.database) as conn:
         done = {a["name"]: a["jobs_done"] for a in list_agents(conn) if a["name"] in ("one", "two")}
     assert done["one"] + done["two"] == 10 and done["one"] and done["two"], done
     # Idle now, "two" is parked in a 30 s long poll: SIGTERM cuts it short.

@@ -10,8 +10,8 @@ import requests
 
 from agent.backend import BackendError
 from agent.ollama import OllamaBackend
-from agent.simtokens import chat_prompt, expected_text
-from tests.conftest import start_simulator, wait_until
+from devtools.processes import start_simulator, wait_until
+from sim.tokens import chat_prompt, expected_text
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 

@@ -12,13 +12,14 @@ from collections import deque
 import pytest
 
 from agent.backend import BackendError
+from agent.backoff import Backoff
 from agent.batcher import ChunkBatch, SendReply
 from agent.config import AgentConfig
 from agent.exceptions import JobGone, MalformedJob, SignatureRejected, TransportError
 from agent.job import Job
 from agent.legacy import LegacyPoster
 from agent.worker import SHUTDOWN_REASON, StartupError, Worker
-from tests.conftest import wait_until
+from devtools.processes import wait_until
 
 STATS = {"done_reason": "stop", "eval_count": 3}
 
@@ -125,7 +126,7 @@ def run_worker():
     def start(client, backend=None, **settings) -> Worker:
         config = AgentConfig("agt_test", "secret", **{"poll_interval": 0.005, "batch_max_delay": 0.0, **settings})
         worker = Worker(config, client, backend or FakeBackend())
-        worker.backoff_base, worker.backoff_cap = 0.001, 0.01
+        worker.backoff = Backoff(base=0.001, cap=0.01)
         thread = threading.Thread(target=worker.work, daemon=True)
         thread.start()
         started.append((worker, thread))

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +15,19 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from agent.config import SETTINGS as AGENT_SETTINGS
+from devtools.processes import (
+    AgentProcess,
+    LiveServer,
+    agent_environment,
+    launch_agent,
+    start_simulator,
+    wait_until,
+)
+from protocol.signing import signed_headers
 from server import cli
-from server.signing import signed_headers
 from server.storage import jobs, migrated
 from server.storage.agents import AgentCredentials, add_agent, remove_agent
-from tests.conftest import ROOT, LiveServer, launch_agent, start_simulator, stored_rows, wait_until
+from tests.conftest import stored_rows
 
 POLL = "/api/v1/inference/poll"
 STREAM = "/api/v1/inference/stream"
@@ -65,7 +69,7 @@ class Fleet:
         return Request("POST", STREAM, body, signed(creds, "POST", STREAM, body) | JSON)
 
     def stored(self) -> dict[str, list]:
-        return stored_rows(self.server.db_path)
+        return stored_rows(self.server.database)
 
 
 def signed(creds: AgentCredentials, method: str, path: str, body: bytes = b"", at: float | None = None) -> dict:
@@ -79,7 +83,7 @@ def fleet(tmp_path_factory):
         "ORCH_SIGNATURE_SKEW": SKEW, "ORCH_LEASE_SECONDS": 3600, "ORCH_AGENT_ONLINE_SECONDS": 3600}).start()
     try:
         alice, bob, removed = (server.add_agent(name) for name in ("alice", "bob", "carol"))
-        with migrated(str(server.db_path)) as db:
+        with migrated(server.database) as db:
             remove_agent(db, removed.id)
             jobs.create_job(db, "m", [{"role": "user", "content": "hi"}], {}, time.time())
         fleet = Fleet(server, alice, bob, removed, "")
@@ -208,14 +212,14 @@ def test_secrets_are_never_logged_at_debug_level(tmp_path):
                            json={"model": "sim", "messages": [{"role": "user", "content": "hi"}]}) as chat:
             assert chat.status_code == 200 and chat.text.endswith("data: [DONE]\n\n")
         # The same secret under an unknown id: refused, and the refusal is logged on both sides.
-        impostor = _agent_process(server, sim.url, tmp_path / "impostor.log", "agt_0000000000000000",
-                                  agent.creds.secret)
+        stolen = AgentCredentials("agt_0000000000000000", agent.creds.secret)
+        impostor = AgentProcess("impostor", stolen, agent_environment(server.url, stolen, sim.url, {"LOG_LEVEL": "DEBUG"}),
+                                tmp_path / "impostor.log").start()
         wait_until(lambda: "signature" in (tmp_path / "impostor.log").read_text(), timeout=20,
                    message="the impostor's refusal in its log")
     finally:
         if impostor is not None:
             impostor.kill()
-            impostor.wait(10)
         if agent is not None:
             agent.stop()
         sim.stop()
@@ -225,11 +229,3 @@ def test_secrets_are_never_logged_at_debug_level(tmp_path):
     for name, text in logs.items():
         assert agent.creds.secret not in text, f"the secret is in {name}"
 
-
-def _agent_process(server: LiveServer, ollama_url: str, log_path, agent_id: str, secret: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in {s.name for s in AGENT_SETTINGS}}
-    env |= {"API_BASE": server.url, "AGENT_ID": agent_id, "AGENT_SECRET": secret, "OLLAMA_URL": ollama_url,
-            "LOG_LEVEL": "DEBUG", "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "agent"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)

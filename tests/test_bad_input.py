@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from devtools.processes import LiveServer
 from server.storage import jobs, migrated
-from tests.conftest import LiveServer, sign, stored_rows
+from tests.conftest import sign, stored_rows
 
 NATIVE, OPENAI, OLLAMA = "native", "openai", "ollama"
 JOB = "{job}"                      # replaced by the id of the job the agent holds
@@ -208,7 +209,7 @@ class Stack:
             conn.close()
 
     def stored(self) -> dict[str, list]:
-        return stored_rows(self.server.db_path)
+        return stored_rows(self.server.database)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +223,7 @@ def stack(tmp_path_factory):
     try:
         creds = server.add_agent("validator")
         ready = Stack(server, creds, "")
-        with migrated(str(server.db_path)) as db:
+        with migrated(server.database) as db:
             jobs.create_job(db, "m", HELLO, {}, 0.0)
         poll = Case(POLL, path=f"{POLL.path}?models=m", content_type=None)
         status, _, job = ready.send(poll)

@@ -1,6 +1,7 @@
 """TokenBatcher against an in-memory fake of the server's stream endpoint."""
 from __future__ import annotations
 
+import inspect
 import random
 import threading
 import time
@@ -10,9 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.backoff import Backoff
 from agent.batcher import ChunkBatch, SendReply, TokenBatcher
+from agent.config import load_config
 from agent.exceptions import JobGone, ProtocolError, SeqConflict, TransportError
-from tests.conftest import wait_until
+from devtools.processes import wait_until
 
 JOB = "job-1"
 
@@ -75,7 +78,8 @@ def make_batcher():
     made: list[TokenBatcher] = []
 
     def make(send, **kwargs) -> TokenBatcher:
-        kwargs = {"backoff_base": 0.001, "backoff_cap": 0.005, **kwargs}
+        # Fixed mode unless a test asks for adaptive: most tests here pin down its coalescing.
+        kwargs = {"backoff": Backoff(base=0.001, cap=0.005), "adaptive": False, **kwargs}
         made.append(TokenBatcher(JOB, send, **kwargs))
         return made[-1]
 
@@ -112,6 +116,23 @@ def test_finish_posts_remaining_chunks_once_with_done_and_outcome(make_batcher, 
     body = {"id": JOB, "chunks": ["a", "b"], "seq": 0, "done": True}
     body.update({"stats": stats} if stats else {"error": error})
     assert server.posts[0].to_json() == body
+
+
+def test_a_batcher_built_without_settings_batches_like_an_agent_with_default_settings():
+    # The settings table is the one home of these defaults: a literal in TokenBatcher would drift.
+    config = load_config([], {"AGENT_ID": "agt_1", "AGENT_SECRET": "s3cret"})
+    defaults = {name: p.default for name, p in inspect.signature(TokenBatcher).parameters.items()}
+    assert (defaults["max_tokens"], defaults["max_delay"], defaults["adaptive"]) == (
+        config.batch_max_tokens, config.batch_max_delay, config.adaptive)
+
+
+@pytest.mark.parametrize("attempt", range(12))
+def test_backoff_doubles_from_its_base_up_to_its_cap_keeping_at_least_half_after_jitter(attempt):
+    backoff = Backoff(base=0.05, cap=2.0)
+    full = min(2.0, 0.05 * 2 ** attempt)
+    delays = [backoff.delay(attempt) for _ in range(50)]
+    assert all(full / 2 <= delay <= full for delay in delays)
+    assert len(set(delays)) > 1  # jittered: agents that failed together do not retry together
 
 
 def test_to_json_omits_stats_and_error_when_unset():
@@ -319,7 +340,7 @@ def test_every_token_is_stored_once_in_order_despite_lost_posts_and_replies(
     # The sender thread must not draw from hypothesis: a plain seeded Random is thread-safe.
     server = FakeServer(fail_rate=fail_rate, rng=random.Random(seed), max_latency=0.001)
     batcher = TokenBatcher("job-p", server.send, max_tokens=max_tokens, max_delay=max_delay,
-                           adaptive=adaptive, retry_deadline=30, backoff_base=0.0005, backoff_cap=0.005)
+                           adaptive=adaptive, retry_deadline=30, backoff=Backoff(base=0.0005, cap=0.005))
     try:
         for token, pause in steps:
             batcher.add(token)

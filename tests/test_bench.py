@@ -11,13 +11,14 @@ import sys
 
 import pytest
 
-from agent.simtokens import expected_text
 from bench.client import Token, Trace, stream_ollama
 from bench.configs import CONFIGURATIONS
 from bench.logs import AccessLog
 from bench.metrics import SUMMARY_FIELDS, ChatResult, measure_chat
-from bench.processes import ROOT, launch_proxy
+from bench.processes import launch_proxy
 from bench.report import COST_COLUMNS, LATENCY_COLUMNS
+from devtools.processes import ROOT
+from sim.tokens import expected_text
 
 QUICK_RUN = ["--profile", "quick", "--network", "loopback", "--requests", "2", "--concurrent", "4x2"]
 

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, LiveServer, Simulator, wait_until
 
-from agent.simtokens import expected_text
+from devtools.processes import AgentProcess, LiveServer, Simulator, launch_agent, wait_until
+from sim.tokens import expected_text
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium keeps dialling Google's
@@ -46,69 +42,35 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason(
 
 # --- the network: server, simulator, agent ---------------------------------------------------------
 
-@dataclass
-class Agent:
-    proc: subprocess.Popen
-    name: str
-    secret: str
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+BROWSER_AGENT = "browser-agent"
 
 
 @dataclass
 class Network:
     server: LiveServer
     simulator: Simulator
-    agent: Agent
+    agent: AgentProcess
 
     @property
     def url(self) -> str:
         return self.server.url
 
 
-def start_agent(server: LiveServer, sim: Simulator, log_path: Path, name: str = "browser-agent") -> Agent:
-    """`python -m agent` beside the simulator; returns once the server lists its models."""
-    creds = server.add_agent(name)
-    env = dict(os.environ, API_BASE=server.url, AGENT_ID=creds.id, AGENT_SECRET=creds.secret, OLLAMA_URL=sim.url,
-               MAX_JOBS="2", SHUTDOWN_TIMEOUT="2", PYTHONUNBUFFERED="1")
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agent"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    agent = Agent(proc, name, creds.secret)
-
-    def online() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"the agent exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        return bool(requests.get(server.url + "/api/v1/models", timeout=5).json()["models"])
-
-    try:
-        wait_until(online, 20, 0.05, "the agent to come online")
-    except BaseException:
-        agent.stop()
-        raise
-    return agent
-
-
 @pytest.fixture
 def start_network(live_server_factory, simulator, tmp_path) -> Iterator:
-    """``start_network(**server_env)``: a live server with one agent in front of the simulator."""
-    agents: list[Agent] = []
+    """``start_network(**server_env)``: a live server with one agent (`python -m agent`) in front of the
+    simulator, online when it returns."""
+    agents: list[AgentProcess] = []
 
     def start(**server_env: str) -> Network:
         server = live_server_factory(**server_env)
-        agents.append(start_agent(server, simulator, tmp_path / f"agent-{len(agents)}.log"))
+        agents.append(launch_agent(server, simulator.url, tmp_path / f"agent-{len(agents)}.log", BROWSER_AGENT,
+                                   MAX_JOBS=2, SHUTDOWN_TIMEOUT=2))
         return Network(server, simulator, agents[-1])
 
     yield start
     for agent in agents:
-        agent.stop()
+        agent.stop(timeout=15)
 
 
 # --- the browser -----------------------------------------------------------------------------------
@@ -312,12 +274,12 @@ def test_status_page_lists_the_agent_behind_the_admin_token(start_network, page,
     page.fill("#admin-token", "operator-token")
     page.click("#token-form button")
 
-    row = page.locator("#agents tbody tr", has_text=network.agent.name)
+    row = page.locator("#agents tbody tr", has_text=BROWSER_AGENT)
     expect(row).to_be_visible()
     expect(row.locator(".chip", has_text="sim:latest")).to_be_visible()
     expect(page.locator("#tile-agents")).to_have_text("1")
     expect(page.locator("#outcomes .outcome-done + dd")).to_have_text("1")
-    assert network.agent.secret not in page.content()
+    assert network.agent.creds.secret not in page.content()
     page.screenshot(path=tmp_path / "status.png", full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})
     page.screenshot(path=tmp_path / "status-phone.png", full_page=True)

@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import LiveServer, sign, wait_until
+from conftest import sign
+
+from devtools.processes import LiveServer, wait_until
 
 TIMEOUT = 10
 

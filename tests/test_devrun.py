@@ -12,14 +12,14 @@ import threading
 import requests
 
 from agent.config import SETTINGS
-from tests.conftest import ROOT, free_port, wait_until
+from devtools.processes import ROOT, free_port, wait_until
 
 
 def test_devrun_prints_a_curl_line_that_streams_an_answer_and_ctrl_c_stops_everything(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in {s.name for s in SETTINGS} | {"OLLAMA_HOST", "ORCH_API_KEYS", "ORCH_DATABASE"}}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.devrun", "--port", str(port), "--var", str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "devtools.devrun", "--port", str(port), "--var", str(tmp_path)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # drains the agent's log too

@@ -16,8 +16,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from devtools.processes import LiveServer, start_simulator, wait_until
 from server.storage import migrated
-from tests.conftest import LiveServer, sign, start_simulator, wait_until
+from tests.conftest import sign
 from tests.flaky_proxy import Fate, FlakyProxy
 from tests.test_agent_e2e import Answer, EventStream, chat, expected, start_chat
 
@@ -29,7 +30,7 @@ AGENT_LOST_DEADLINE = 12.0
 
 def rows(server: LiveServer, sql: str, *params) -> list[tuple]:
     """Query the server's database directly (it may be down)."""
-    with migrated(str(server.db_path)) as db:
+    with migrated(server.database) as db:
         return db.execute(sql, params).fetchall()
 
 

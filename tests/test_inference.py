@@ -6,8 +6,9 @@ import threading
 import time
 
 import pytest
-from conftest import agent_get, agent_post, sign, wait_until
+from conftest import agent_get, agent_post, sign
 
+from devtools.processes import wait_until
 from server.notifier import ANY_MODEL_KEY, job_key, queue_key
 from server.storage import agents, chunks, get_storage, jobs, migrated
 

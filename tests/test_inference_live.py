@@ -14,9 +14,9 @@ import time
 
 import pytest
 import requests
-from conftest import LiveServer, wait_until
 
-from server.signing import signed_headers
+from devtools.processes import LiveServer, agent_online, wait_until
+from protocol.signing import signed_headers
 from server.storage import jobs, migrated
 from server.storage.agents import AgentCredentials
 
@@ -87,18 +87,17 @@ def boot(tmp_path_factory, **env) -> LiveServer:
 
 
 def record(server: LiveServer, job_id: str) -> dict:
-    with migrated(str(server.db_path)) as db:
+    with migrated(server.database) as db:
         return jobs.get_job(db, job_id)
 
 
 def queue_in_database(server: LiveServer, count: int, model: str = "llama") -> list[str]:
-    with migrated(str(server.db_path)) as db:
+    with migrated(server.database) as db:
         return [jobs.create_job(db, model, HELLO, {}, time.time()) for _ in range(count)]
 
 
-def last_seen(server: LiveServer, agent: Agent) -> float | None:
-    with migrated(str(server.db_path)) as db:
-        return db.execute("SELECT last_seen FROM agents WHERE id = ?", (agent.creds.id,)).fetchone()[0]
+def has_polled(server: LiveServer, agent: Agent) -> bool:
+    return agent_online(server.database, agent.creds.id) is not None
 
 
 def in_threads(target, agents: list[Agent]) -> None:
@@ -175,7 +174,7 @@ def test_twenty_parked_long_polls_share_fifty_chats_and_each_job_is_handed_out_o
 
     workers = threading.Thread(target=in_threads, args=(work, fleet), daemon=True)
     workers.start()
-    wait_until(lambda: all(last_seen(server, a) for a in fleet), message="every agent to poll")
+    wait_until(lambda: all(has_polled(server, a) for a in fleet), message="every agent to poll")
     chats = [Chat(server, "fleet:1b") for _ in range(50)]
     assert [chat.result() for chat in chats] == [("ok", "done")] * 50
     stop.set()
@@ -198,7 +197,7 @@ def test_long_poll_answers_with_the_job_a_chat_queues_and_the_chat_gets_the_answ
     polled: list[requests.Response] = []
     parked = threading.Thread(target=lambda: polled.append(agent.poll("models=live:1b&wait=20")), daemon=True)
     parked.start()
-    wait_until(lambda: last_seen(server, agent), message="the long poll to arrive")
+    wait_until(lambda: has_polled(server, agent), message="the long poll to arrive")
     chat = Chat(server, "live:1b")
     parked.join(TIMEOUT)
     job = polled[0].json()
@@ -242,10 +241,10 @@ def test_job_delivered_to_a_vanished_poller_goes_back_to_the_queue_and_to_anothe
     server = fast_lease_server
     vanished, survivor = new_agent(server), new_agent(server)
     sock = raw_long_poll(server, vanished, "models=vanish:1b&wait=20")
-    wait_until(lambda: last_seen(server, vanished), message="the long poll to arrive")
+    wait_until(lambda: has_polled(server, vanished), message="the long poll to arrive")
     sock.close()
     chat = Chat(server, "vanish:1b")
-    with migrated(str(server.db_path)) as db:
+    with migrated(server.database) as db:
         job_id = wait_until(lambda: db.execute("SELECT id FROM jobs WHERE agent_id = ?",
                                                (vanished.creds.id,)).fetchone(), message="delivery")[0]
     response = survivor.poll("models=vanish:1b&wait=20")

@@ -9,11 +9,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.simtokens import chat_prompt, expected_text
+from devtools.processes import LiveServer, launch_agent, start_simulator, wait_until
 from server import create_app
 from server.storage import get_storage, jobs
 from server.storage.agents import add_agent, touch
-from tests.conftest import LiveServer, launch_agent, start_simulator, wait_until
+from sim.tokens import chat_prompt, expected_text
 
 FAMILIES = {
     "orchestrator_requests": "gauge", "orchestrator_queue_depth": "gauge", "orchestrator_agents_online": "gauge",

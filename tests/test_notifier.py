@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from conftest import wait_until
-
+from devtools.processes import wait_until
 from server.notifier import ANY_MODEL_KEY, Notifier, queue_key
 from server.storage import jobs
 from server.storage.sqlite import SQLiteStorage

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import ollama
 import pytest
 
-from agent.simtokens import chat_prompt, expected_text
 from server.storage.agents import add_agent, touch
+from sim.tokens import chat_prompt, expected_text
 from tests.conftest import serving_stack
 
 TOKENS = 30

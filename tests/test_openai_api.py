@@ -10,8 +10,8 @@ import openai
 import pytest
 import requests
 
-from agent.simtokens import chat_prompt, expected_text
 from server.storage.agents import add_agent, touch
+from sim.tokens import chat_prompt, expected_text
 from tests.conftest import serving_stack
 
 TOKENS = 30

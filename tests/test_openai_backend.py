@@ -18,8 +18,8 @@ from agent.__main__ import build_backend
 from agent.backend import BackendError
 from agent.config import ConfigError, load_config
 from agent.openai_backend import OpenAIBackend, openai_options
-from agent.simtokens import chat_prompt, expected_text
-from tests.conftest import LiveServer, free_port, launch_agent, start_simulator, wait_until
+from devtools.processes import LiveServer, free_port, launch_agent, start_simulator, wait_until
+from sim.tokens import chat_prompt, expected_text
 
 MESSAGES = [{"role": "user", "content": "why is the sky blue?"}]
 TOKENS = 30

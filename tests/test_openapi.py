@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from server.signing import signed_headers
+from protocol.signing import signed_headers
 from server.storage.agents import AgentCredentials
 
 # In the dev extra (setup.cfg); skipped rather than a collection error in a venv made before it was.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import LiveServer, free_port, launch_agent, wait_until
+from devtools.processes import LiveServer, Process, free_port, launch_agent, wait_until
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "smollm2"
@@ -55,28 +54,25 @@ pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() 
 def llama_server(tmp_path_factory) -> Iterator[str]:
     """llama-cpp-python's OpenAI-compatible server with SmolLM2, as a subprocess; yields its URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("llama") / "llama-server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
-                                 "--model_alias", MODEL, "--host", "127.0.0.1", "--port", str(port),
-                                 "--n_ctx", "2048", "--verbose", "False"],
-                                stdout=log, stderr=subprocess.STDOUT)
+    llama = Process("llama_cpp.server", [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
+                                         "--model_alias", MODEL, "--host", "127.0.0.1", "--port", str(port),
+                                         "--n_ctx", "2048", "--verbose", "False"],
+                    tmp_path_factory.mktemp("llama") / "llama-server.log")
+    llama.start()
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
-        assert proc.poll() is None, f"llama_cpp.server exited: {log_path.read_text(errors='replace')[-2000:]}"
+        llama.check_alive()
         try:
             return requests.get(url + "/v1/models", timeout=2).status_code == 200
         except requests.RequestException:
             return False
 
-    wait_until(ready, 120, 0.2, "llama_cpp.server to load the model")
-    yield url
-    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        wait_until(ready, 120, 0.2, "llama_cpp.server to load the model")
+        yield url
+    finally:
+        llama.stop(timeout=15)
 
 
 def test_smollm2_answers_a_chat_through_both_front_doors(llama_server, tmp_path):

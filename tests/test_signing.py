@@ -7,9 +7,9 @@ import hmac
 import re
 
 import pytest
-from conftest import ROOT
 
-from server import signing
+from devtools.processes import ROOT
+from protocol import signing
 
 PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
 

@@ -4,22 +4,17 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import selectors
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
-from agent.simtokens import SPECIAL_TOKENS, chat_prompt, expected_text, generate_tokens
+from devtools.processes import Simulator, start_simulator
+from sim.tokens import SPECIAL_TOKENS, chat_prompt, expected_text, generate_tokens
 
-ROOT = Path(__file__).resolve().parents[1]
 STARTUP_DEADLINE = 15.0
 POLL_DEADLINE = 10.0
 CLOCK_TOLERANCE = 0.001  # time.time() against time.monotonic() deadlines
@@ -29,76 +24,39 @@ FINAL_STATS = (
     "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration",
 )
 MESSAGES = [{"role": "user", "content": "why is the sky blue?"}]
+LISTENING = re.compile(r"simulator listening on (http://\S+)\n")
 
 
-@dataclass
-class Simulator:
-    process: subprocess.Popen
-    url: str
-    emit_log: Path | None
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def records(self, req: int) -> list[dict]:
-        """This request's records from `GET /sim/log`."""
-        response = requests.get(f"{self.url}/sim/log", timeout=5)
-        response.raise_for_status()
-        return [record for record in response.json() if record["req"] == req]
-
-    def wait_for_records(self, req: int, done: Callable[[list[dict]], bool]) -> list[dict]:
-        """Poll `/sim/log` until `done(records)` holds, failing after a deadline."""
-        deadline = time.monotonic() + POLL_DEADLINE
-        while time.monotonic() < deadline:
-            records = self.records(req)
-            if done(records):
-                return records
-            time.sleep(0.01)
-        pytest.fail(f"request {req} never reached the expected state: {self.records(req)}")
+def start(workdir: Path, *args: str, emit_log: Path | None = None) -> Simulator:
+    """`python -m sim --port 0 ...` through the harness; its one stdout line is exactly the documented one."""
+    simulator = start_simulator(workdir, *args, emit_log=emit_log, timeout=STARTUP_DEADLINE)
+    assert LISTENING.fullmatch(simulator.listening_line), simulator.listening_line
+    return simulator
 
 
-def start_simulator(*args: str) -> Simulator:
-    """Start `python -m agent.simulator --port 0 ...` and wait for its listening line."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent.simulator", "--port", "0", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while (remaining := deadline - time.monotonic()) > 0:
-        if selector.select(remaining):
-            line = process.stdout.readline()
-            match = re.fullmatch(r"simulator listening on (http://\S+)\n", line)
-            if match:
-                emit_log = Path(args[args.index("--emit-log") + 1]) if "--emit-log" in args else None
-                return Simulator(process, match.group(1), emit_log)
-            if not line:
-                break
-    process.kill()
-    pytest.fail(f"simulator did not start (exit code {process.poll()})")
+def records_of(sim: Simulator, req: int) -> list[dict]:
+    """This request's records from `GET /sim/log`."""
+    return [record for record in sim.records() if record["req"] == req]
 
 
-def stop_simulator(sim: Simulator) -> int:
-    sim.process.send_signal(signal.SIGTERM)
-    try:
-        return sim.process.wait(timeout=10)
-    finally:
-        if sim.process.poll() is None:
-            sim.process.kill()
-        sim.process.stdout.close()
+def wait_for_records(sim: Simulator, req: int, done: Callable[[list[dict]], bool]) -> list[dict]:
+    """Poll `/sim/log` until `done(records)` holds, failing after a deadline."""
+    deadline = time.monotonic() + POLL_DEADLINE
+    while time.monotonic() < deadline:
+        found = records_of(sim, req)
+        if done(found):
+            return found
+        time.sleep(0.01)
+    pytest.fail(f"request {req} never reached the expected state: {records_of(sim, req)}")
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
-    emit_log = tmp_path_factory.mktemp("simulator") / "emit.jsonl"
-    simulator = start_simulator(
-        "--models", "sim,llama3:8b", "--first-token-ms", "5", "--interval-ms", "5", "--tokens", "12",
-        "--emit-log", str(emit_log),
-    )
+    workdir = tmp_path_factory.mktemp("simulator")
+    simulator = start(workdir, "--models", "sim,llama3:8b", "--first-token-ms", "5", "--interval-ms", "5",
+                      "--tokens", "12", emit_log=workdir / "emit.jsonl")
     yield simulator
-    stop_simulator(simulator)
+    simulator.stop()
 
 
 def post(sim: Simulator, path: str, body: dict, **kwargs) -> requests.Response:
@@ -265,7 +223,7 @@ def test_client_going_away_stops_generation_and_is_recorded(sim):
             assert data, "the simulator closed the connection first"
             received += data
     req = int(re.search(rb"X-Sim-Request: (\d+)", received).group(1))
-    records = sim.wait_for_records(req, lambda records: any(r["event"] == "client_gone" for r in records))
+    records = wait_for_records(sim, req, lambda records: any(r["event"] == "client_gone" for r in records))
     assert records[-1]["event"] == "client_gone", "no token after the client went away"
     assert records[-1]["i"] >= 2
     assert [r["i"] for r in records if r["event"] == "token"] == list(range(records[-1]["i"]))
@@ -275,7 +233,7 @@ def test_emit_log_file_has_one_token_record_per_token(sim):
     response = post(sim, "/api/generate", {"model": "sim", "prompt": "count", "options": {**FAST, "sim_tokens": 9}})
     req = int(response.headers["X-Sim-Request"])
     tokens = [line["response"] for line in ndjson(response)[:-1]]
-    sim.wait_for_records(req, lambda records: records and records[-1]["event"] == "done")
+    wait_for_records(sim, req, lambda records: records and records[-1]["event"] == "done")
     lines = [json.loads(line) for line in sim.emit_log.read_text(encoding="utf-8").splitlines()]
     mine = [record for record in lines if record["req"] == req]
     assert [r["event"] for r in mine] == ["start"] + ["token"] * 9 + ["done"]
@@ -287,7 +245,7 @@ def test_tokens_are_never_emitted_before_they_are_due(sim):
     for _ in range(2):  # the second request finds the model loaded: it must wait all the same
         response = post(sim, "/api/chat", {"model": "sim", "messages": MESSAGES, "options": options})
         req = int(response.headers["X-Sim-Request"])
-        records = sim.wait_for_records(req, lambda records: records and records[-1]["event"] == "done")
+        records = wait_for_records(sim, req, lambda records: records and records[-1]["event"] == "done")
         start = records[0]["t"]
         due = [start + (30 + 10 * i) / 1000 for i in range(4)]
         assert all(r["t"] >= due[r["i"]] - CLOCK_TOLERANCE for r in records if r["event"] == "token")
@@ -300,22 +258,22 @@ def test_sim_reset_clears_the_log(sim):
     assert requests.get(f"{sim.url}/sim/log", timeout=5).json() == []
 
 
-def test_first_request_for_a_model_waits_for_load_ms_and_reports_it():
-    sim = start_simulator("--load-ms", "50", "--first-token-ms", "1", "--interval-ms", "1", "--tokens", "2")
+def test_first_request_for_a_model_waits_for_load_ms_and_reports_it(tmp_path):
+    sim = start(tmp_path, "--load-ms", "50", "--first-token-ms", "1", "--interval-ms", "1", "--tokens", "2")
     try:
         first, second = (post(sim, "/api/generate", {"model": "sim", "prompt": "hi", "stream": False}).json()
                          for _ in range(2))
     finally:
-        stop_simulator(sim)
+        sim.stop()
     assert first["load_duration"] == pytest.approx(50_000_000, abs=1_000)
     assert second["load_duration"] == 0
 
 
-def test_sigterm_mid_stream_exits_cleanly_with_code_zero():
-    sim = start_simulator("--first-token-ms", "1", "--interval-ms", "5", "--tokens", "10000")
+def test_sigterm_mid_stream_exits_cleanly_with_code_zero(tmp_path):
+    sim = start(tmp_path, "--first-token-ms", "1", "--interval-ms", "5", "--tokens", "10000")
     with post(sim, "/api/chat", {"model": "sim", "messages": MESSAGES}, stream=True) as response:
         assert json.loads(next(response.iter_lines()))["done"] is False
-        assert stop_simulator(sim) == 0
+        assert sim.stop() == 0
 
 
 def raw_request(path: str, body: dict) -> bytes:

@@ -11,8 +11,8 @@ import time
 from unittest import mock
 
 import pytest
-from conftest import wait_until
 
+from devtools.processes import wait_until
 from server import frontdoor, streaming
 from server.disconnect import DisconnectGuard, open_streams
 from server.errors import BadRequest, NotFound

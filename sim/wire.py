@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from agent.simplan import Plan
+from sim.plan import Plan
 
 
 def rfc3339(ns: int) -> str:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 
-from agent.simplan import SimError, build_plan
-from agent.simtokens import canonical_model, chat_prompt
-from agent.simwire import Turn, chunk, dumps
+from sim.plan import SimError, build_plan
+from sim.tokens import canonical_model, chat_prompt
+from sim.wire import Turn, chunk, dumps
 
 SSE = "text/event-stream"
 JSON = "application/json; charset=utf-8"

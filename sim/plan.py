@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from agent.simtokens import generate_tokens
+from sim.tokens import generate_tokens
 
 DEFAULT_MODELS = "sim"
 DEFAULT_LOAD_MS = 0.0

@@ -9,7 +9,8 @@ The signed string is four lines joined by ``\\n``::
 
 The signature is ``itsdangerous.Signer(secret, salt=SALT, key_derivation="hmac",
 digest_method=sha256).get_signature(string)`` (URL-safe base64, no padding).
-The agent imports ``sign`` from here; docs/protocol.md has a test vector.
+The server verifies with ``verify``, the agent signs with ``signed_headers``;
+docs/protocol.md has the test vectors.
 """
 from __future__ import annotations
 
