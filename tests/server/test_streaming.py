@@ -2,7 +2,7 @@
 disconnects (server/disconnect.py).
 
 The agent is played through the storage functions the inference endpoints call (their writes wake the streams);
-tests/test_chat_live.py drives the same paths through gunicorn and real sockets.
+tests/e2e/test_chat_live.py drives the same paths through gunicorn and real sockets.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The native chat API in-process: body checks, the exact SSE format, resume, history.
 
 The agent speaks the real protocol (signed poll and chunk POSTs) through the
-test client; tests/test_chat_live.py does the same through gunicorn.
+test client; tests/e2e/test_chat_live.py does the same through gunicorn.
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import threading
 
 import pytest
 import requests
-from conftest import agent_get, agent_post, sign
 from werkzeug.serving import make_server
 
 from server.storage import get_storage
+from tests.signed import agent_get, agent_post, sign
 
 pytestmark = pytest.mark.engines("sqlite", "postgres")
 

@@ -12,7 +12,7 @@ import requests
 
 from server.storage.agents import add_agent, touch
 from sim.tokens import chat_prompt, expected_text
-from tests.conftest import serving_stack
+from tests.stack import serving_stack
 
 TOKENS = 30
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue? ✨"}]

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import sign
 
 from devtools.processes import LiveServer, wait_until
+from tests.signed import sign
 
 TIMEOUT = 10
 

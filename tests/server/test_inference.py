@@ -6,11 +6,11 @@ import threading
 import time
 
 import pytest
-from conftest import agent_get, agent_post, sign
 
 from devtools.processes import wait_until
 from server.notifier import ANY_MODEL_KEY, job_key, queue_key
 from server.storage import agents, chunks, get_storage, jobs, migrated
+from tests.signed import agent_get, agent_post, sign
 
 pytestmark = pytest.mark.engines("sqlite", "postgres")
 

@@ -10,7 +10,7 @@ import pytest
 from server.storage import agents, chunks, jobs
 from server.storage.stats import percentile
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STATIC = ROOT / "server" / "static"
 TEMPLATES = ROOT / "server" / "templates"
 

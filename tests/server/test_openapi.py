@@ -26,7 +26,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.core.parameters import ParameterLocation  # noqa: E402
 
-SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
+SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 METHODS = {"get", "post", "put", "patch", "delete"}
 AGENT_PATHS = {"/api/v1/inference/poll", "/api/v1/inference/stream"}
 # The catch-all that gives OpenAI clients OpenAI's 404 on unknown paths: a fuzzed `{path}` of

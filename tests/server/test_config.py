@@ -9,7 +9,7 @@ import pytest
 from server import create_app
 from server.config import DEFAULTS, ENV_PREFIX, SETTINGS, ConfigError, load_config, markdown_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_defaults_apply_without_environment():

@@ -18,9 +18,9 @@ import requests
 
 from devtools.processes import LiveServer, start_simulator, wait_until
 from server.storage import migrated
-from tests.conftest import sign
-from tests.flaky_proxy import Fate, FlakyProxy
-from tests.test_agent_e2e import Answer, EventStream, chat, expected, start_chat
+from tests.e2e.chat_client import Answer, EventStream, chat, expected, start_chat
+from tests.e2e.flaky_proxy import Fate, FlakyProxy
+from tests.signed import sign
 
 # Leases short enough that a lost agent is noticed within a test, swept five times a second.
 FAST_LEASES = {"ORCH_LEASE_SECONDS": 2, "ORCH_DELIVERY_LEASE_SECONDS": 2, "ORCH_SWEEP_INTERVAL": 0.2}

@@ -19,7 +19,8 @@ import pytest
 
 from devtools.processes import LiveServer
 from server.storage import jobs, migrated
-from tests.conftest import sign, stored_rows
+from tests.signed import sign
+from tests.stack import stored_rows
 
 NATIVE, OPENAI, OLLAMA = "native", "openai", "ollama"
 JOB = "{job}"                      # replaced by the id of the job the agent holds
