@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flask import g, has_app_context
+
 from ..notifier import Notifier
 
 # Idle connections kept per storage.  Opening a SQLite one costs ~0.5 ms here
@@ -123,7 +125,11 @@ class Storage:
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
-        """A pooled connection for a short piece of work (a request, one read of a stream)."""
+        """A pooled connection for a short piece of work outside a view (one read of a stream, a sweep)."""
+        if has_app_context() and "db" in g:
+            # A view already holds get_db()'s connection: borrowing a second one can deadlock a bounded
+            # pool once every connection is held by a view waiting for its second.
+            raise RuntimeError("this request already holds a connection: use get_db(), or close_db() first")
         conn = self.take()
         try:
             yield conn
