@@ -26,6 +26,8 @@ from server.db import connect
 from server.signing import signed_headers
 
 ROOT = Path(__file__).resolve().parent.parent
+# The browser tests' fixtures (browser, page, new_page, start_network) live in their own module.
+pytest_plugins = ["browser_harness"]
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.01,

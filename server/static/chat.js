@@ -1,30 +1,31 @@
-// The chat page: model picker, composer, and one streamed answer at a time.
-// Everything from the network is rendered with textContent or Text nodes,
-// never parsed as HTML: a model answer containing <script> shows as text.
+// The chat page: model picker, composer, the conversation and its history.
+// Questions, errors and model names are rendered as text; answers as Markdown
+// through markdown.js, which never lets an answer's own markup through.
 import { ChatError, authHeaders, cancelChat, errorFrom, streamChat } from "./sse.js";
+import { copyCode, renderMarkdown } from "./markdown.js";
+import {
+  loadConversations, modelMessages, newConversation, saveConversations, titleFor,
+} from "./conversations.js";
+import { renderHistory } from "./history.js";
 
 const API_KEY_STORAGE = "orchestrator.apiKey";
 const MODEL_STORAGE = "orchestrator.model";
+const SAVE_WHILE_STREAMING_MS = 1000; // a reload mid-answer keeps the text up to the last second
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  log: $("log"),
-  intro: $("intro"),
-  form: $("composer"),
-  model: $("model"),
-  models: $("models"),
-  modelHint: $("model-hint"),
-  prompt: $("prompt"),
-  send: $("send"),
-  stop: $("stop"),
-  newChat: $("new-chat"),
-  advanced: $("advanced"),
-  apiKey: $("api-key"),
-  options: $("options"),
-  optionsError: $("options-error"),
+  log: $("log"), intro: $("intro"), form: $("composer"), model: $("model"), models: $("models"),
+  modelHint: $("model-hint"), prompt: $("prompt"), send: $("send"), stop: $("stop"), newChat: $("new-chat"),
+  title: $("chat-title"), notice: $("notice"), noticeText: $("notice-text"), noticeClose: $("notice-close"),
+  advanced: $("advanced"), advancedOpen: $("advanced-open"), advancedDone: $("advanced-done"),
+  apiKey: $("api-key"), options: $("options"), optionsError: $("options-error"),
+  history: $("history"), historyList: $("history-list"), historyToggle: $("history-toggle"),
+  historyClose: $("history-close"), backdrop: $("history-backdrop"),
 };
 
-let conversation = []; // sent with each request: [{role, content}]
+const loaded = loadConversations();
+let conversations = loaded.conversations; // newest first
+let current = conversations.find((c) => c.id === loaded.currentId) || newConversation();
 let inFlight = null; // the AbortController of the answer being streamed
 
 function element(tag, className, text) {
@@ -36,6 +37,30 @@ function element(tag, className, text) {
 
 function apiKey() {
   return ui.apiKey.value.trim();
+}
+
+function showNotice(text) {
+  ui.noticeText.textContent = text || "";
+  ui.notice.hidden = !text;
+}
+
+function save() {
+  if (!conversations.includes(current) && current.messages.length) conversations.unshift(current);
+  const dropped = saveConversations(conversations, current.id);
+  if (dropped > 0) {
+    conversations = conversations.slice(0, conversations.length - dropped);
+    showNotice(`This browser's storage is full: the ${dropped} oldest conversation${dropped === 1 ? " was" : "s were"}`
+      + " dropped.");
+  } else if (dropped < 0) {
+    showNotice("This browser's storage is full: the conversation is not kept across reloads.");
+  }
+  showHistory();
+}
+
+function showHistory() {
+  renderHistory(ui.historyList, conversations, current.id, { disabled: inFlight !== null });
+  ui.title.textContent = current.title;
+  ui.newChat.disabled = inFlight !== null;
 }
 
 async function loadModels() {
@@ -81,51 +106,83 @@ function readOptions() {
   if (options === null || typeof options !== "object" || Array.isArray(options) || options instanceof Error) {
     ui.optionsError.textContent = "Options must be a JSON object, like {\"temperature\": 0.7}.";
     ui.optionsError.hidden = false;
-    ui.advanced.open = true;
+    if (!ui.advanced.open) ui.advanced.showModal();
     return null;
   }
   return options;
 }
 
-function addUserMessage(text) {
+function addUserMessage(message) {
   const node = element("article", "msg user");
-  node.append(element("div", "role", "You"), element("div", "text", text));
+  if (message.failed) node.dataset.failed = "true";
+  node.append(element("div", "role", "You"), element("div", "text", message.content));
   ui.intro.hidden = true;
   ui.log.append(node);
 }
 
-// One answer: its text, an error box, and the live numbers under it.
-function addAnswer(model) {
+// One answer: its Markdown, an error box, and the numbers under it.
+function addAnswer(message) {
   const node = element("article", "msg assistant");
-  node.dataset.state = "waiting";
+  node.dataset.state = message.state;
   node.dataset.resumes = "0";
-  const body = element("div", "text");
-  const text = document.createTextNode("");
-  body.append(text);
+  if (message.requestId) node.dataset.requestId = message.requestId;
+  const body = element("div", "text markdown");
   const error = element("div", "error");
   error.setAttribute("role", "alert");
   error.hidden = true;
   const stats = element("div", "stats");
-  const state = element("span", "state", "waiting for the first token…");
-  const ttft = element("span", "ttft");
-  const rate = element("span", "rate");
-  const count = element("span", "count");
-  const resumes = element("span", "resumes");
-  stats.append(state, ttft, rate, count, resumes);
-  node.append(element("div", "role", model), body, error, stats);
+  const parts = Object.fromEntries(["state", "ttft", "rate", "count", "resumes"].map((k) => [k, element("span", k)]));
+  stats.append(...Object.values(parts));
+  node.append(element("div", "role", message.model || "model"), body, error, stats);
+  ui.intro.hidden = true;
   ui.log.append(node);
-  scrollToEnd();
-  return { node, text, error, state, ttft, rate, count, resumes };
+  const answer = { node, body, error, stats, message, ...parts };
+  renderAnswer(answer);
+  return answer;
 }
 
-function scrollToEnd() {
-  ui.log.scrollTop = ui.log.scrollHeight;
+const STATE_LABELS = { waiting: "waiting for the first token…", done: "done", stopped: "stopped",
+  interrupted: "interrupted by a reload", streaming: "streaming" };
+
+function renderAnswer(answer) {
+  const { message } = answer;
+  if (message.content) renderMarkdown(answer.body, message.content);
+  answer.node.dataset.state = message.state;
+  answer.state.textContent = message.error ? `error: ${message.error.code}` : (STATE_LABELS[message.state] || "");
+  const stats = message.stats || {};
+  if (stats.ttft !== undefined) answer.ttft.textContent = `first token ${formatSeconds(stats.ttft)}`;
+  if (stats.rate !== undefined) answer.rate.textContent = `${stats.rate.toFixed(1)} tokens/s`;
+  if (stats.tokens !== undefined) answer.count.textContent = `${stats.tokens} token${stats.tokens === 1 ? "" : "s"}`;
+  if (message.error) {
+    answer.error.textContent = message.error.message;
+    answer.error.dataset.code = message.error.code;
+    answer.error.hidden = false;
+  }
+}
+
+function showConversation() {
+  ui.log.replaceChildren(ui.intro);
+  ui.intro.hidden = current.messages.length > 0;
+  for (const message of current.messages) {
+    if (message.role === "user") addUserMessage(message);
+    else addAnswer(message);
+  }
+  showHistory();
+  scrollToEnd(true);
+}
+
+function nearEnd() {
+  return ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 80;
+}
+
+function scrollToEnd(force = false) {
+  if (force || nearEnd()) ui.log.scrollTop = ui.log.scrollHeight;
 }
 
 function setBusy(busy) {
   ui.send.disabled = busy;
   ui.stop.hidden = !busy;
-  ui.newChat.disabled = busy;
+  showHistory();
 }
 
 function formatSeconds(ms) {
@@ -146,28 +203,48 @@ async function send(event) {
   if (options === null) return;
   localStorage.setItem(MODEL_STORAGE, model);
 
-  conversation.push({ role: "user", content });
-  addUserMessage(content);
+  const question = { role: "user", content };
+  if (!current.messages.length) current.title = titleFor(content);
+  current.messages.push(question);
+  const messages = modelMessages(current);
+  const reply = { role: "assistant", content: "", model, state: "waiting", stats: {} };
+  current.messages.push(reply);
+  current.updated = Date.now();
+  addUserMessage(question);
   ui.prompt.value = "";
-  const answer = addAnswer(model);
+  fitPrompt();
+  const answer = addAnswer(reply);
+  scrollToEnd(true);
   const controller = new AbortController();
   inFlight = controller;
   setBusy(true);
+  save();
+  await stream(answer, { model, messages, options }, controller);
+}
 
+async function stream(answer, body, controller) {
+  const { message } = answer;
   const sentAt = performance.now();
   let firstAt = null;
-  let tokens = 0;
+  let frame = null;
+  let savedAt = Date.now();
   // Time to first token counts up while we wait, then freezes.
-  const waiting = setInterval(() => {
-    answer.ttft.textContent = formatSeconds(performance.now() - sentAt);
-  }, 100);
+  const waiting = setInterval(() => { answer.ttft.textContent = formatSeconds(performance.now() - sentAt); }, 100);
+  const draw = () => {
+    frame = null;
+    renderAnswer(answer);
+    scrollToEnd();
+  };
 
   try {
     await streamChat({
-      body: { model, messages: conversation, options },
+      body,
       apiKey: apiKey(),
       signal: controller.signal,
-      onRequest: (id) => { answer.node.dataset.requestId = id || ""; },
+      onRequest: (id) => {
+        message.requestId = id || "";
+        answer.node.dataset.requestId = message.requestId;
+      },
       onStatus: ({ state, position }) => {
         answer.state.textContent = state === "queued" && position ? `queued, position ${position}` : "an agent is on it";
       },
@@ -186,57 +263,92 @@ async function send(event) {
         if (firstAt === null) {
           firstAt = now;
           clearInterval(waiting);
-          answer.ttft.textContent = `first token ${formatSeconds(now - sentAt)}`;
+          message.stats.ttft = now - sentAt;
         }
-        tokens += 1;
-        answer.text.appendData(delta);
-        answer.node.dataset.state = "streaming";
-        answer.state.textContent = "streaming";
-        answer.count.textContent = `${tokens} token${tokens === 1 ? "" : "s"}`;
-        if (tokens > 1 && now > firstAt) {
-          answer.rate.textContent = `${((tokens - 1) / ((now - firstAt) / 1000)).toFixed(1)} tokens/s`;
+        message.content += delta;
+        message.state = "streaming";
+        message.stats.tokens = (message.stats.tokens || 0) + 1;
+        if (message.stats.tokens > 1 && now > firstAt) {
+          message.stats.rate = (message.stats.tokens - 1) / ((now - firstAt) / 1000);
         }
-        scrollToEnd();
+        // Markdown is re-rendered once per frame, not once per token.
+        if (frame === null) frame = requestAnimationFrame(draw);
+        if (Date.now() - savedAt > SAVE_WHILE_STREAMING_MS) {
+          savedAt = Date.now();
+          save();
+        }
       },
     });
-    finish(answer, "done", "done");
-    conversation.push({ role: "assistant", content: answer.text.data });
+    message.state = "done";
   } catch (err) {
     if (controller.signal.aborted) {
-      finish(answer, "stopped", "stopped");
-      if (answer.text.data) conversation.push({ role: "assistant", content: answer.text.data });
+      message.state = "stopped";
     } else {
-      showError(answer, err);
-      conversation.pop(); // the failed question is not part of the conversation the model saw
+      const known = err instanceof ChatError;
+      message.error = { code: known ? err.code : "network_error",
+        message: known ? err.message : `Could not reach the server (${err.message}).` };
+      message.state = "error";
+      // The failed question is not part of the conversation the model saw.
+      current.messages[current.messages.indexOf(message) - 1].failed = true;
     }
   } finally {
     clearInterval(waiting);
+    if (frame !== null) cancelAnimationFrame(frame);
+    if (firstAt === null) answer.ttft.textContent = "";
     inFlight = null;
+    renderAnswer(answer);
     setBusy(false);
+    save();
+    // An error is always brought into view above the composer, with the line under it.
+    if (message.error) answer.stats.scrollIntoView({ block: "nearest" });
+    else scrollToEnd();
     ui.prompt.focus();
   }
 }
 
-function finish(answer, state, label) {
-  answer.node.dataset.state = state;
-  answer.state.textContent = label;
-  if (!answer.ttft.textContent.startsWith("first")) answer.ttft.textContent = "";
+function openConversation(id) {
+  if (inFlight) return;
+  current = conversations.find((c) => c.id === id) || newConversation();
+  closeHistory();
+  showConversation();
+  saveConversations(conversations, current.id);
+  ui.prompt.focus();
 }
 
-function showError(answer, err) {
-  const known = err instanceof ChatError;
-  answer.error.textContent = known ? err.message : `Could not reach the server (${err.message}).`;
-  if (known && err.code) answer.error.dataset.code = err.code;
-  answer.error.hidden = false;
-  finish(answer, "error", known ? `error: ${err.code}` : "error");
+function deleteConversation(id) {
+  if (inFlight) return;
+  conversations = conversations.filter((c) => c.id !== id);
+  if (current.id === id) {
+    current = conversations[0] || newConversation();
+    showConversation();
+  }
+  save();
 }
 
 function newChat() {
   if (inFlight) return;
-  conversation = [];
-  ui.log.replaceChildren(ui.intro);
-  ui.intro.hidden = false;
+  current = newConversation();
+  closeHistory();
+  showConversation();
   ui.prompt.focus();
+}
+
+function openHistory() {
+  ui.history.classList.add("open");
+  ui.backdrop.hidden = false;
+  ui.historyToggle.setAttribute("aria-expanded", "true");
+}
+
+function closeHistory() {
+  ui.history.classList.remove("open");
+  ui.backdrop.hidden = true;
+  ui.historyToggle.setAttribute("aria-expanded", "false");
+}
+
+// The message box grows with its text, up to the cap the stylesheet sets.
+function fitPrompt() {
+  ui.prompt.style.height = "auto";
+  ui.prompt.style.height = `${ui.prompt.scrollHeight + 2}px`;
 }
 
 ui.form.addEventListener("submit", send);
@@ -248,17 +360,39 @@ ui.stop.addEventListener("click", () => {
   if (last) cancelChat(last.dataset.requestId, apiKey());
 });
 ui.newChat.addEventListener("click", newChat);
+ui.historyToggle.addEventListener("click", openHistory);
+ui.historyClose.addEventListener("click", closeHistory);
+ui.backdrop.addEventListener("click", closeHistory);
+ui.historyList.addEventListener("click", (event) => {
+  const item = event.target.closest("[data-id]");
+  if (!item) return;
+  if (event.target.closest(".history-delete")) deleteConversation(item.dataset.id);
+  else if (event.target.closest(".history-open")) openConversation(item.dataset.id);
+});
+ui.log.addEventListener("click", (event) => {
+  const button = event.target.closest(".copy-code");
+  if (button) copyCode(button);
+});
+ui.advancedOpen.addEventListener("click", () => ui.advanced.showModal());
+ui.advancedDone.addEventListener("click", () => { if (readOptions() !== null) ui.advanced.close(); });
+ui.advanced.addEventListener("click", (event) => { if (event.target === ui.advanced) ui.advanced.close(); });
+ui.noticeClose.addEventListener("click", () => showNotice(""));
+ui.prompt.addEventListener("input", fitPrompt);
 ui.prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     ui.form.requestSubmit();
   }
 });
+document.addEventListener("keydown", (event) => { if (event.key === "Escape") closeHistory(); });
 ui.apiKey.value = localStorage.getItem(API_KEY_STORAGE) || "";
 ui.apiKey.addEventListener("change", () => {
   localStorage.setItem(API_KEY_STORAGE, apiKey());
   loadModels();
 });
 ui.model.addEventListener("focus", loadModels);
+
+showNotice(loaded.notice);
+showConversation();
 loadModels();
 ui.prompt.focus();
