@@ -1,6 +1,7 @@
 """The chat and status pages, and the JSON they read, in-process."""
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from pathlib import Path
@@ -34,8 +35,11 @@ def finished_request(db, agent_id: str, *, created: float, first_token: float | 
     return request_id
 
 
-@pytest.mark.parametrize("path, script", [("/", "chat.js"), ("/status", "status.js")])
-def test_page_renders_with_its_own_script_and_stylesheet(client, path, script):
+@pytest.mark.parametrize("path, script, vendored", [
+    ("/", "chat.js", ["vendor/dompurify/purify.min.js"]),
+    ("/status", "status.js", ["vendor/uplot/uPlot.iife.min.js", "vendor/uplot/uPlot.min.css"]),
+])
+def test_page_renders_with_its_own_scripts_and_stylesheets(client, path, script, vendored):
     page = client.get(path)
     assert page.status_code == 200
     assert page.mimetype == "text/html"
@@ -43,8 +47,30 @@ def test_page_renders_with_its_own_script_and_stylesheet(client, path, script):
     assert f'src="/static/{script}"' in html
     assert 'href="/static/style.css"' in html
     assert 'name="viewport"' in html
-    for asset in (f"/static/{script}", "/static/sse.js", "/static/style.css"):
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', html)
+    assert {f"/static/{name}" for name in vendored} <= set(assets)
+    for asset in assets + ["/static/sse.js", "/static/markdown.js", "/static/vendor/marked/marked.esm.js"]:
         assert client.get(asset).status_code == 200, asset
+
+
+VENDOR = STATIC / "vendor"
+
+
+def vendored_files() -> list[tuple[str, int, str]]:
+    """``(file, bytes, sha256)`` of each row of the table in server/static/vendor/README.md."""
+    table = re.findall(r"^\|[^|]+\|[^|]+\|[^|]+\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \|$",
+                       (VENDOR / "README.md").read_text(), re.MULTILINE)
+    return [(name, int(size), digest) for name, size, digest in table]
+
+
+def test_vendored_libraries_are_the_files_their_readme_names_each_with_its_licence():
+    listed = vendored_files()
+    assert {name for name, _, _ in listed} == {
+        str(p.relative_to(VENDOR)) for p in VENDOR.glob("*/*") if p.suffix in (".js", ".css")}
+    for name, size, digest in listed:
+        data = (VENDOR / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (size, digest), f"{name} changed: update the README"
+        assert (VENDOR / name).parent.joinpath("LICENSE").is_file(), f"{name} has no LICENSE beside it"
 
 
 @pytest.mark.parametrize("path", ["/", "/status"])
