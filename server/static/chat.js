@@ -1,15 +1,16 @@
 // The chat page: model picker, composer, the conversation and its history.
 // Questions, errors and model names are rendered as text; answers as Markdown
 // through markdown.js, which never lets an answer's own markup through.
-import { ChatError, authHeaders, cancelChat, errorFrom, streamChat } from "./sse.js";
-import { copyCode, renderMarkdown } from "./markdown.js";
+import { ChatError, cancelChat, streamChat } from "./sse.js";
+import { MODEL_STORAGE, fitPrompt, loadModels, readOptions } from "./composer.js";
+import { copyCode } from "./markdown.js";
 import {
-  loadConversations, modelMessages, newConversation, saveConversations, titleFor,
+  STORE_KEY, loadConversations, modelMessages, newConversation, saveConversations, titleFor,
 } from "./conversations.js";
-import { renderHistory } from "./history.js";
+import { historyDrawer, renderHistory } from "./history.js";
+import { addAnswer, addUserMessage, formatSeconds, renderAnswer } from "./messages.js";
 
 const API_KEY_STORAGE = "orchestrator.apiKey";
-const MODEL_STORAGE = "orchestrator.model";
 const SAVE_WHILE_STREAMING_MS = 1000; // a reload mid-answer keeps the text up to the last second
 
 const $ = (id) => document.getElementById(id);
@@ -27,13 +28,7 @@ const loaded = loadConversations();
 let conversations = loaded.conversations; // newest first
 let current = conversations.find((c) => c.id === loaded.currentId) || newConversation();
 let inFlight = null; // the AbortController of the answer being streamed
-
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+const drawer = historyDrawer(ui.history, ui.historyToggle, ui.historyClose, ui.backdrop);
 
 function apiKey() {
   return ui.apiKey.value.trim();
@@ -63,109 +58,12 @@ function showHistory() {
   ui.newChat.disabled = inFlight !== null;
 }
 
-async function loadModels() {
-  let response;
-  try {
-    response = await fetch("/api/v1/models", { headers: authHeaders(apiKey()), cache: "no-store" });
-  } catch {
-    ui.modelHint.textContent = "Cannot reach the server.";
-    return;
-  }
-  if (!response.ok) {
-    const err = await errorFrom(response);
-    ui.modelHint.textContent = err.status === 401 ? "This server needs an API key (see Advanced)." : err.message;
-    return;
-  }
-  const { models } = await response.json();
-  ui.models.replaceChildren(...models.map((m) => {
-    const option = element("option");
-    option.value = m.name;
-    option.label = `${m.agents} agent${m.agents === 1 ? "" : "s"}, ${m.slots} slot${m.slots === 1 ? "" : "s"}`;
-    return option;
-  }));
-  const names = models.map((m) => m.name);
-  if (!ui.model.value) {
-    const remembered = localStorage.getItem(MODEL_STORAGE);
-    ui.model.value = names.includes(remembered) ? remembered : (names[0] || "");
-  }
-  ui.modelHint.textContent = names.length
-    ? `${names.length} model${names.length === 1 ? "" : "s"} online`
-    : "No agent is online yet.";
-}
-
-function readOptions() {
-  const raw = ui.options.value.trim();
-  ui.optionsError.hidden = true;
-  if (!raw) return {};
-  let options;
-  try {
-    options = JSON.parse(raw);
-  } catch (err) {
-    options = err;
-  }
-  if (options === null || typeof options !== "object" || Array.isArray(options) || options instanceof Error) {
-    ui.optionsError.textContent = "Options must be a JSON object, like {\"temperature\": 0.7}.";
-    ui.optionsError.hidden = false;
-    if (!ui.advanced.open) ui.advanced.showModal();
-    return null;
-  }
-  return options;
-}
-
-function addUserMessage(message) {
-  const node = element("article", "msg user");
-  if (message.failed) node.dataset.failed = "true";
-  node.append(element("div", "role", "You"), element("div", "text", message.content));
-  ui.intro.hidden = true;
-  ui.log.append(node);
-}
-
-// One answer: its Markdown, an error box, and the numbers under it.
-function addAnswer(message) {
-  const node = element("article", "msg assistant");
-  node.dataset.state = message.state;
-  node.dataset.resumes = "0";
-  if (message.requestId) node.dataset.requestId = message.requestId;
-  const body = element("div", "text markdown");
-  const error = element("div", "error");
-  error.setAttribute("role", "alert");
-  error.hidden = true;
-  const stats = element("div", "stats");
-  const parts = Object.fromEntries(["state", "ttft", "rate", "count", "resumes"].map((k) => [k, element("span", k)]));
-  stats.append(...Object.values(parts));
-  node.append(element("div", "role", message.model || "model"), body, error, stats);
-  ui.intro.hidden = true;
-  ui.log.append(node);
-  const answer = { node, body, error, stats, message, ...parts };
-  renderAnswer(answer);
-  return answer;
-}
-
-const STATE_LABELS = { waiting: "waiting for the first token…", done: "done", stopped: "stopped",
-  interrupted: "interrupted by a reload", streaming: "streaming" };
-
-function renderAnswer(answer) {
-  const { message } = answer;
-  if (message.content) renderMarkdown(answer.body, message.content);
-  answer.node.dataset.state = message.state;
-  answer.state.textContent = message.error ? `error: ${message.error.code}` : (STATE_LABELS[message.state] || "");
-  const stats = message.stats || {};
-  if (stats.ttft !== undefined) answer.ttft.textContent = `first token ${formatSeconds(stats.ttft)}`;
-  if (stats.rate !== undefined) answer.rate.textContent = `${stats.rate.toFixed(1)} tokens/s`;
-  if (stats.tokens !== undefined) answer.count.textContent = `${stats.tokens} token${stats.tokens === 1 ? "" : "s"}`;
-  if (message.error) {
-    answer.error.textContent = message.error.message;
-    answer.error.dataset.code = message.error.code;
-    answer.error.hidden = false;
-  }
-}
-
 function showConversation() {
   ui.log.replaceChildren(ui.intro);
   ui.intro.hidden = current.messages.length > 0;
   for (const message of current.messages) {
-    if (message.role === "user") addUserMessage(message);
-    else addAnswer(message);
+    if (message.role === "user") addUserMessage(ui.log, message);
+    else addAnswer(ui.log, message);
   }
   showHistory();
   scrollToEnd(true);
@@ -185,10 +83,6 @@ function setBusy(busy) {
   showHistory();
 }
 
-function formatSeconds(ms) {
-  return `${(ms / 1000).toFixed(2)} s`;
-}
-
 async function send(event) {
   event.preventDefault();
   if (inFlight) return;
@@ -199,7 +93,7 @@ async function send(event) {
     ui.modelHint.textContent = "Pick a model first.";
     return ui.model.focus();
   }
-  const options = readOptions();
+  const options = readOptions(ui);
   if (options === null) return;
   localStorage.setItem(MODEL_STORAGE, model);
 
@@ -210,10 +104,11 @@ async function send(event) {
   const reply = { role: "assistant", content: "", model, state: "waiting", stats: {} };
   current.messages.push(reply);
   current.updated = Date.now();
-  addUserMessage(question);
+  ui.intro.hidden = true;
+  addUserMessage(ui.log, question);
   ui.prompt.value = "";
-  fitPrompt();
-  const answer = addAnswer(reply);
+  fitPrompt(ui.prompt);
+  const answer = addAnswer(ui.log, reply);
   scrollToEnd(true);
   const controller = new AbortController();
   inFlight = controller;
@@ -309,7 +204,7 @@ async function stream(answer, body, controller) {
 function openConversation(id) {
   if (inFlight) return;
   current = conversations.find((c) => c.id === id) || newConversation();
-  closeHistory();
+  drawer.close();
   showConversation();
   saveConversations(conversations, current.id);
   ui.prompt.focus();
@@ -328,27 +223,9 @@ function deleteConversation(id) {
 function newChat() {
   if (inFlight) return;
   current = newConversation();
-  closeHistory();
+  drawer.close();
   showConversation();
   ui.prompt.focus();
-}
-
-function openHistory() {
-  ui.history.classList.add("open");
-  ui.backdrop.hidden = false;
-  ui.historyToggle.setAttribute("aria-expanded", "true");
-}
-
-function closeHistory() {
-  ui.history.classList.remove("open");
-  ui.backdrop.hidden = true;
-  ui.historyToggle.setAttribute("aria-expanded", "false");
-}
-
-// The message box grows with its text, up to the cap the stylesheet sets.
-function fitPrompt() {
-  ui.prompt.style.height = "auto";
-  ui.prompt.style.height = `${ui.prompt.scrollHeight + 2}px`;
 }
 
 ui.form.addEventListener("submit", send);
@@ -360,9 +237,6 @@ ui.stop.addEventListener("click", () => {
   if (last) cancelChat(last.dataset.requestId, apiKey());
 });
 ui.newChat.addEventListener("click", newChat);
-ui.historyToggle.addEventListener("click", openHistory);
-ui.historyClose.addEventListener("click", closeHistory);
-ui.backdrop.addEventListener("click", closeHistory);
 ui.historyList.addEventListener("click", (event) => {
   const item = event.target.closest("[data-id]");
   if (!item) return;
@@ -374,25 +248,31 @@ ui.log.addEventListener("click", (event) => {
   if (button) copyCode(button);
 });
 ui.advancedOpen.addEventListener("click", () => ui.advanced.showModal());
-ui.advancedDone.addEventListener("click", () => { if (readOptions() !== null) ui.advanced.close(); });
+ui.advancedDone.addEventListener("click", () => { if (readOptions(ui) !== null) ui.advanced.close(); });
 ui.advanced.addEventListener("click", (event) => { if (event.target === ui.advanced) ui.advanced.close(); });
 ui.noticeClose.addEventListener("click", () => showNotice(""));
-ui.prompt.addEventListener("input", fitPrompt);
+ui.prompt.addEventListener("input", () => fitPrompt(ui.prompt));
 ui.prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     ui.form.requestSubmit();
   }
 });
-document.addEventListener("keydown", (event) => { if (event.key === "Escape") closeHistory(); });
+// Another tab saved: take its list, keeping the conversation on this screen as it is here.
+window.addEventListener("storage", (event) => {
+  if (event.key !== STORE_KEY) return;
+  conversations = loadConversations().conversations.map((c) => (c.id === current.id ? current : c));
+  showHistory();
+});
+window.addEventListener("pagehide", () => { if (inFlight) save(); });
 ui.apiKey.value = localStorage.getItem(API_KEY_STORAGE) || "";
 ui.apiKey.addEventListener("change", () => {
   localStorage.setItem(API_KEY_STORAGE, apiKey());
-  loadModels();
+  loadModels(ui, apiKey());
 });
-ui.model.addEventListener("focus", loadModels);
+ui.model.addEventListener("focus", () => loadModels(ui, apiKey()));
 
 showNotice(loaded.notice);
 showConversation();
-loadModels();
+loadModels(ui, apiKey());
 ui.prompt.focus();

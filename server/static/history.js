@@ -36,3 +36,17 @@ export function renderHistory(list, conversations, currentId, { disabled = false
     return item;
   }));
 }
+
+/** On narrow screens the list is a drawer: `toggle` opens it; `close`, the backdrop and Escape close it. */
+export function historyDrawer(panel, toggle, close, backdrop) {
+  const setOpen = (open) => {
+    panel.classList.toggle("open", open);
+    backdrop.hidden = !open;
+    toggle.setAttribute("aria-expanded", String(open));
+  };
+  toggle.addEventListener("click", () => setOpen(true));
+  close.addEventListener("click", () => setOpen(false));
+  backdrop.addEventListener("click", () => setOpen(false));
+  document.addEventListener("keydown", (event) => { if (event.key === "Escape") setOpen(false); });
+  return { close: () => setOpen(false) };
+}
