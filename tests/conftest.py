@@ -15,6 +15,10 @@ from server import create_app
 from server.storage import get_storage
 from server.storage.agents import AgentCredentials
 
+# The browser tests' fixtures (browser, page, new_page, start_network) live in their own module.
+pytest_plugins = ["tests.e2e.browser_harness"]
+
+
 # --- storage engines ------------------------------------------------------
 
 def pytest_configure(config) -> None:
