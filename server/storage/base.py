@@ -18,6 +18,7 @@ from typing import Any
 
 from flask import g, has_app_context
 
+from ..errors import ApiError
 from ..notifier import Notifier
 
 # Idle connections kept per storage.  Opening a SQLite one costs ~0.5 ms here
@@ -26,8 +27,21 @@ POOL_SIZE = 16
 MIGRATIONS_ROOT = Path(__file__).resolve().parent.parent.parent / "migrations"
 
 
-class StorageError(Exception):
-    """The database failed (locked, unreachable, full, corrupt): the server's trouble, not the client's."""
+class StorageError(ApiError):
+    """The database failed (locked, unreachable, full, corrupt): the server's trouble, not the client's.
+
+    Rendered as a 503 ``storage_unavailable`` (agents retry it); ``str()`` is the engine's own reason, for
+    logs and the CLI, never sent to clients.
+    """
+
+    status, code = 503, "storage_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the server's database is unavailable: retry shortly")
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class Connection:
