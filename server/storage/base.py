@@ -47,8 +47,10 @@ class StorageError(ApiError):
 class Connection:
     """One database connection: portable SQL, transactions, and wake-ups announced on commit."""
 
-    # Appended to a claim's row-picking subquery by engines with row locks (``FOR UPDATE SKIP LOCKED``).
-    skip_locked = ""
+    # Appended to a SELECT whose rows the same transaction then updates, by engines with row locks: SQLite's
+    # BEGIN IMMEDIATE already serializes every writer, PostgreSQL's READ COMMITTED would lose updates.
+    for_update = ""          # the row is ours until COMMIT (a chunk POST, a cancel)
+    skip_locked = ""         # rows another transaction holds are passed over (a claim, a sweep)
 
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier

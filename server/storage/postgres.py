@@ -57,6 +57,7 @@ def _unavailable(exc: Exception) -> StorageError:
 class PostgresConnection(Connection):
     """A pooled psycopg connection in autocommit mode: ``transaction()`` issues BEGIN / COMMIT itself."""
 
+    for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, raw: psycopg.Connection, notifier: Notifier, origin: str) -> None:
