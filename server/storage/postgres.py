@@ -51,7 +51,8 @@ def _translate(sql: str) -> str:
 
 
 def _unavailable(exc: Exception) -> StorageError:
-    return StorageError(f"PostgreSQL: {str(exc).strip()}")
+    # libpq's messages run over several lines (a hint on the second): one line, for logs and the CLI.
+    return StorageError("PostgreSQL: " + " ".join(str(exc).split()))
 
 
 class PostgresConnection(Connection):
