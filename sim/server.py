@@ -12,6 +12,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from protocol.models import canonical_model
 from sim.log import EmitLog
 from sim.openai import OpenAIRoutes
 from sim.plan import (
@@ -20,7 +21,7 @@ from sim.plan import (
     SimError,
     build_plan,
 )
-from sim.tokens import canonical_model, chat_prompt
+from sim.tokens import chat_prompt
 from sim.wire import Turn, chunk, dumps, model_entry, rfc3339
 
 log = logging.getLogger(__name__)
