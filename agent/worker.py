@@ -35,6 +35,9 @@ DEFAULT_BACKOFF = Backoff(base=0.1, cap=10.0)
 # After the shutdown deadline, the aborted jobs get this long to post their final error.
 SHUTDOWN_FINISH_GRACE = 5.0
 SHUTDOWN_REASON = "the agent shut down before the answer was complete"
+# After a job, the next model report (what /api/ps shows as loaded) is due within this many seconds,
+# instead of at the next minutely refresh; a busy agent still reports at most this often.
+REPORT_AFTER_JOB_SECONDS = 2.0
 # Embedding vectors per POST: 8 vectors of 4,096 dimensions are ~650 KB of JSON, under the server's 1 MiB.
 EMBED_VECTORS_PER_POST = 8
 
@@ -305,6 +308,7 @@ class Worker:
     def _job_finished(self, run: JobRun, outcome: str) -> None:
         with self._lock:
             self._running.pop(run.job.id, None)
+            self._models_due = min(self._models_due, time.monotonic() + REPORT_AFTER_JOB_SECONDS)
         self._wakeup.wake()
 
     def _teardown(self) -> None:
