@@ -13,11 +13,13 @@ from typing import Any
 
 from protocol.models import MAX_REPORTED_MODELS, RUNNING_FIELDS, SHOW_FIELDS, TAG_FIELDS, canonical_model
 
+from . import body
 from .errors import BadRequest
 
 
 def checked(payload: dict[str, Any]) -> dict[str, Any]:
     """The report's known fields, or BadRequest naming the bad one."""
+    body.mapping(payload, "report")          # lone surrogates anywhere: storage could not encode them
     models = _entries(payload.get("models", []), "models")
     running = _entries(payload.get("running", []), "running")
     version = payload.get("version")
