@@ -83,7 +83,8 @@ def mapping(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"'{name}' must be a JSON object", code="invalid_field")
     try:
-        json.dumps(value).encode("utf-8")
+        # ensure_ascii=False, as storage writes it: a lone surrogate then fails here, not in the database.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (UnicodeEncodeError, ValueError):
         raise BadRequest(f"'{name}' holds invalid Unicode", code="invalid_field") from None
     return value
