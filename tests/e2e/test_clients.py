@@ -21,6 +21,7 @@ import openai
 import pytest
 import requests
 
+from devtools.processes import wait_until
 from sim.features import THINKING, embedding, tool_call_for
 from sim.tokens import chat_prompt, expected_text
 from tests.stack import serving_stack
@@ -120,7 +121,6 @@ def test_ollama_embeds_and_shows_what_the_fleet_reports(olla):
 
 def test_ollama_ps_lists_the_models_loaded_across_the_fleet(olla):
     olla.chat(model="sim", messages=ASK)
-    from devtools.processes import wait_until
     running = wait_until(lambda: olla.ps().models, 15, 0.2, "the agent to report its loaded model")
     assert [m.model for m in running] == ["sim:latest"] and running[0].size_vram > 0
 
@@ -267,3 +267,21 @@ def test_litellms_ollama_provider_posts_without_a_content_type_and_is_served(sta
     with requests.post(stack.url + "/api/chat", data=body, timeout=30, headers={"Connection": "close"}) as response:
         assert "Content-Type" not in response.request.headers
         assert response.status_code == 200 and response.json()["message"]["content"] == expected()
+
+
+# --- a client that leaves ----------------------------------------------------------------
+
+@pytest.mark.parametrize("door", ["/api/chat", "/v1/chat/completions"])
+def test_a_front_door_client_that_leaves_stops_generation_at_once_whatever_the_grace(
+        live_server_factory, simulator, start_agent, door):
+    # A grace of a minute: only the door's own rule (OpenAI and Ollama clients cannot resume) can stop
+    # the answer within the 15 s deadline below.
+    server = live_server_factory(ORCH_CANCEL_GRACE="60")
+    start_agent(server, simulator.url, "leaver")
+    long = {"model": "sim", "messages": ASK, "stream": True, "options": {"sim_tokens": 5000, "sim_interval_ms": 20}}
+    with requests.post(server.url + door, json=long, stream=True, timeout=30) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+    wait_until(lambda: any(r["event"] == "client_gone" for r in simulator.records()), 15, 0.05,
+               "the simulator to see the agent hang up")
