@@ -16,7 +16,7 @@ from werkzeug.datastructures import MultiDict
 
 from protocol import deltas
 from protocol.deltas import STATS_FIELDS, Delta
-from protocol.models import KINDS, LEGACY_KINDS
+from protocol.models import KINDS, LEGACY_KINDS, canonical_model
 from protocol.wire import MODELS_PATH, POLL_PATH, STREAM_PATH
 
 from . import body, reports
@@ -133,7 +133,8 @@ def _wait_for_job(app: Flask, agent_id: str, models: list[str] | None, params: P
     NOTIFIER=poll the database is polled instead (other workers queue jobs).
     """
     notifier = get_storage(app).notifier
-    keys = [queue_key(m) for m in models] if models else [ANY_MODEL_KEY]
+    # Jobs are queued under Ollama's full name (`m:latest`); the agent may have declared either spelling.
+    keys = list({queue_key(n) for m in models for n in (m, canonical_model(m))}) if models else [ANY_MODEL_KEY]
     poll_every = app.config["POLL_INTERVAL"] if app.config["NOTIFIER"] == "poll" else None
     deadline = time.monotonic() + params.wait
     while not notifier.closed:

@@ -53,6 +53,9 @@ def _kept(entry: dict[str, Any], fields: tuple[str, ...], where: str) -> dict[st
         value = kept.get(size)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise BadRequest(f"'{where}.{size}' must be an integer, 0 or more", code="invalid_field")
+    for text in ("digest", "modified_at", "expires_at"):
+        if text in kept and type(kept[text]) is not str:
+            raise BadRequest(f"'{where}.{text}' must be a string", code="invalid_field")
     if "details" in kept and not isinstance(kept["details"], dict):
         raise BadRequest(f"'{where}.details' must be an object", code="invalid_field")
     return kept
