@@ -105,8 +105,9 @@ def request_fields(payload: dict[str, Any]) -> dict[str, Any]:
     if payload.get("tools") and choice != "none":
         fields["tools"] = payload["tools"]
     response_format = payload.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        fields["format"] = _format(response_format)
+    answer_format = None if response_format is None else _format(response_format)
+    if answer_format is not None:
+        fields["format"] = answer_format
     effort = payload.get("reasoning_effort")
     if effort is not None:
         if effort not in EFFORT_TO_THINK:
@@ -119,8 +120,10 @@ def request_fields(payload: dict[str, Any]) -> dict[str, Any]:
     return features.request_fields(fields)
 
 
-def _format(value: Any) -> str | dict[str, Any]:
+def _format(value: Any) -> str | dict[str, Any] | None:
     kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
     if kind == "json_object":
         return "json"
     schema = value.get("json_schema", {}).get("schema") if kind == "json_schema" and \
