@@ -28,7 +28,7 @@ class ChunkBatch:
 
     job_id: str
     seq: int
-    chunks: tuple[str, ...]
+    chunks: tuple[str | dict, ...]    # wire items (protocol.deltas): text, or an object for the rest
     done: bool = False
     stats: dict | None = None
     error: str | None = None
@@ -67,7 +67,7 @@ class TokenBatcher:
                  max_tokens: int = DEFAULTS["BATCH_MAX_TOKENS"], max_delay: float = DEFAULTS["BATCH_MAX_DELAY"],
                  adaptive: bool = DEFAULTS["BATCH_MODE"] == "adaptive",
                  retry_deadline: float = DEFAULT_RETRY_DEADLINE, backoff: Backoff = DEFAULT_BACKOFF,
-                 on_cancel: Callable[[], None] | None = None) -> None:
+                 on_cancel: Callable[[], None] | None = None, max_items: int | None = None) -> None:
         if max_tokens < 1 or max_delay < 0:
             raise ValueError("max_tokens must be >= 1 and max_delay >= 0")
         self.job_id = job_id
@@ -83,10 +83,13 @@ class TokenBatcher:
         self._retry_deadline = retry_deadline
         self._backoff = backoff
         self._on_cancel = on_cancel
+        # A cap on items per POST whatever the mode: embedding vectors are large, and a body must stay
+        # under the server's ORCH_MAX_BODY_BYTES. None (chats) keeps the cut a plain copy.
+        self._max_items = max_items
 
         self._cond = threading.Condition()
         # Every token from index `_acked` on: the POST in flight's first, then newer ones.
-        self._pending: list[str] = []
+        self._pending: list[str | dict] = []
         self._acked = 0
         self._in_flight: ChunkBatch | None = None
         self._oldest_at = 0.0  # arrival of the oldest token not yet in a POST
@@ -119,7 +122,7 @@ class TokenBatcher:
         """Tokens the server has acknowledged."""
         return self._acked
 
-    def add(self, token: str) -> None:
+    def add(self, token: str | dict) -> None:
         """Buffer one token for the sender thread; never waits for the network."""
         with self._cond:
             if self._stopped():
@@ -198,8 +201,10 @@ class TokenBatcher:
 
     def _cut(self) -> ChunkBatch:
         stats, error = self._finish or (None, None)
-        self._in_flight = ChunkBatch(self.job_id, self._acked, tuple(self._pending),
-                                     self._finish is not None, stats, error)
+        items = self._pending if self._max_items is None else self._pending[:self._max_items]
+        last = self._finish is not None and len(items) == len(self._pending)
+        self._in_flight = ChunkBatch(self.job_id, self._acked, tuple(items), last,
+                                     stats if last else None, error if last else None)
         self._heartbeat_due = self._resend_due = False
         return self._in_flight
 

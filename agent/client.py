@@ -38,7 +38,7 @@ from agent.exceptions import (
 )
 from agent.job import Job
 from protocol.signing import signed_headers
-from protocol.wire import POLL_PATH, STREAM_PATH
+from protocol.wire import MODELS_PATH, POLL_PATH, STREAM_PATH
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 15.0  # a chunk POST is one short transaction; beyond this the server is in trouble
@@ -60,11 +60,14 @@ class ServerClient:
         self._sessions: queue.LifoQueue[requests.Session] = queue.LifoQueue()
         self._proxies = environ_proxies(self.api_base)
 
-    def poll(self, models: Sequence[str], slots: int, wait: float = 0) -> Job | None:
-        """Ask for one job of `models`; None when there is none (204)."""
+    def poll(self, models: Sequence[str], slots: int, wait: float = 0,
+             kinds: Sequence[str] | None = None) -> Job | None:
+        """Ask for one job of `models` and `kinds` (None: plain chats, as older agents); None when there is none."""
         params = {"models": ",".join(models), "slots": slots}
         if wait > 0:
             params["wait"] = f"{wait:g}"
+        if kinds is not None:
+            params["kinds"] = ",".join(kinds)
         query = urlencode(params, safe=",:/")
         response = self._request("GET", f"{POLL_PATH}?{query}", None, self.read_timeout + wait)
         if response.status_code == 204:
@@ -87,6 +90,13 @@ class ServerClient:
         except (ValueError, TypeError, AttributeError):
             raise ProtocolError(f"unreadable answer to POST seq {batch.seq}: {response.text[:80]!r}",
                                 status=response.status_code) from None
+
+    def report(self, report: dict) -> None:
+        """POST what the engine says of its models (`protocol.models`); raises an `AgentError` on failure."""
+        data = json.dumps(report, ensure_ascii=False).encode()
+        response = self._request("POST", MODELS_PATH, data, self.read_timeout)
+        if response.status_code != 200:
+            raise self._error(response)
 
     def send_legacy(self, job_id: str, chunk: str, done: bool, error: str | None = None) -> bool:
         """The old agent's POST: one `chunk`, no seq. Returns `cancelled`."""

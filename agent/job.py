@@ -11,10 +11,13 @@ from typing import Any, Protocol
 
 from agent.backend import BackendError, ChatStream
 from agent.exceptions import MalformedJob
+from protocol.models import CHAT, EMBED, KINDS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 30.0
+# The Ollama fields a job may carry besides model, messages and options, passed to Ollama as they are.
+REQUEST_FIELDS = ("tools", "format", "think", "keep_alive", "input", "truncate", "dimensions")
 MIN_HEARTBEAT_INTERVAL = 0.5
 UNEXPECTED_ERROR = "the agent failed unexpectedly; see its log"
 
@@ -28,6 +31,8 @@ class Job:
     messages: list[dict]
     options: dict = field(default_factory=dict)
     lease_seconds: float = DEFAULT_LEASE_SECONDS
+    kind: str = CHAT
+    request: dict = field(default_factory=dict)   # tools, format, think, keep_alive; input for embeddings
 
     @classmethod
     def from_json(cls, data: Any) -> Job:
@@ -47,7 +52,14 @@ class Job:
             raise MalformedJob("the job's options are not an object", job_id)
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0:
             raise MalformedJob("the job's lease_seconds is not a positive number", job_id)
-        return cls(job_id, model, messages, options, float(lease))
+        kind = data.get("kind", CHAT)
+        if kind not in KINDS:
+            raise MalformedJob(f"the job's kind {kind!r} is not one this agent runs", job_id)
+        request = {name: data[name] for name in REQUEST_FIELDS if data.get(name) is not None}
+        if kind == EMBED and not (isinstance(request.get("input"), list)
+                                  and all(isinstance(text, str) for text in request["input"])):
+            raise MalformedJob("the embedding job's input is not a list of strings", job_id)
+        return cls(job_id, model, messages, options, float(lease), kind, request)
 
 
 class Poster(Protocol):
@@ -57,7 +69,7 @@ class Poster(Protocol):
     failed: BaseException | None
     sent_requests: int
 
-    def add(self, token: str) -> None: ...
+    def add(self, token: str | dict) -> None: ...
 
     def heartbeat(self) -> None: ...
 

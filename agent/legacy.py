@@ -39,8 +39,11 @@ class LegacyPoster:
         self.failed: BaseException | None = None
         self.sent_requests = 0
 
-    def add(self, token: str) -> None:
-        self._post(token, False)
+    def add(self, token: str | dict) -> None:
+        # The old form carries text only: thinking and tool calls have no place in it.
+        text = token if isinstance(token, str) else token.get("text", "")
+        if text:
+            self._post(text, False)
 
     def heartbeat(self) -> None:
         self._post("", False)

@@ -17,6 +17,9 @@ import requests
 
 from agent.backend import BackendError
 from agent.httpstream import HttpChatStream
+from agent.openai_request import ToolCallAssembler, openai_messages, request_fields
+from protocol.deltas import Delta
+from protocol.models import KINDS
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 # Nothing flows while the engine loads a model on a cold start: be as patient as with Ollama.
@@ -55,6 +58,8 @@ def openai_options(options: dict) -> dict:
 class OpenAIBackend:
     """An OpenAI-compatible server at `url` (with or without the trailing `/v1`)."""
 
+    kinds = KINDS
+
     def __init__(self, url: str, *, api_key: str = "", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  read_timeout: float = DEFAULT_READ_TIMEOUT) -> None:
         self.url = url.rstrip("/").removesuffix("/v1")
@@ -82,8 +87,15 @@ class OpenAIBackend:
         except (ValueError, KeyError, TypeError):
             raise BackendError(f"the server at {self.url} sent an unreadable /v1/models answer") from None
 
-    def chat(self, model: str, messages: list[dict], options: dict) -> OpenAIChat:
-        return OpenAIChat(self, model, messages, options)
+    def chat(self, model: str, messages: list[dict], options: dict, request: dict | None = None) -> OpenAIChat:
+        return OpenAIChat(self, model, messages, options, request)
+
+    def embed(self, model: str, inputs: list[str], options: dict, request: dict | None = None) -> OpenAIEmbed:
+        return OpenAIEmbed(self, model, inputs, request)
+
+    def describe(self) -> None:
+        """OpenAI's API says nothing of sizes, families or loaded models: no report."""
+        return None
 
 
 class OpenAIChat(HttpChatStream):
@@ -91,13 +103,16 @@ class OpenAIChat(HttpChatStream):
 
     peer = "the OpenAI-compatible server"
 
-    def __init__(self, backend: OpenAIBackend, model: str, messages: list[dict], options: dict) -> None:
-        body = {**openai_options(options), "model": model, "messages": messages, "stream": True,
-                "stream_options": {"include_usage": True}}
+    path = "/v1/chat/completions"
+
+    def __init__(self, backend: OpenAIBackend, model: str, messages: list[dict], options: dict,
+                 request: dict | None = None) -> None:
+        body = {**openai_options(options), **request_fields(request), "model": model,
+                "messages": openai_messages(messages), "stream": True, "stream_options": {"include_usage": True}}
         super().__init__(backend, model, body)
 
     def _send_request(self, conn: http.client.HTTPConnection) -> None:
-        path = urlsplit(self._backend.url).path + "/v1/chat/completions"
+        path = urlsplit(self._backend.url).path + self.path
         conn.request("POST", path, self._body, self._backend.headers())
         self._started = time.perf_counter_ns()
 
@@ -107,8 +122,9 @@ class OpenAIChat(HttpChatStream):
             raise BackendError(f"the server answered {response.status}: {_error_message(response.read(MAX_LINE))}")
         return response
 
-    def _tokens(self, response: http.client.HTTPResponse) -> Iterator[str]:
+    def _tokens(self, response: http.client.HTTPResponse) -> Iterator[str | dict]:
         finish_reason, usage, first_at = None, None, None
+        calls = ToolCallAssembler()
         for payload in _sse_data(response):
             if payload == "[DONE]":
                 break
@@ -118,12 +134,14 @@ class OpenAIChat(HttpChatStream):
             usage = event.get("usage") or usage
             for choice in event.get("choices") or ():
                 delta = choice.get("delta") if isinstance(choice, dict) else None
-                text = delta.get("content") if isinstance(delta, dict) else None
-                if isinstance(text, str) and text:
+                item = _item(delta, calls)
+                if item:
                     first_at = first_at or time.perf_counter_ns()
                     self.tokens += 1
-                    yield text
+                    yield item
                 finish_reason = choice.get("finish_reason") or finish_reason
+                if finish_reason and (whole := calls.finished()):
+                    yield {"tool_calls": whole}
         else:
             # Some servers end with finish_reason and no [DONE]; without either the answer was cut.
             if finish_reason is None:
@@ -142,6 +160,42 @@ class OpenAIChat(HttpChatStream):
                  "total_duration": now - self._started,
                  "eval_duration": now - first_at if first_at else 0}
         return {k: v for k, v in stats.items() if v is not None}
+
+
+def _item(delta: object, calls: ToolCallAssembler) -> str | dict | None:
+    """A streamed delta as a wire item; tool call pieces go to `calls` until the choice finishes."""
+    if not isinstance(delta, dict):
+        return None
+    calls.add(delta.get("tool_calls"))
+    text = delta.get("content") if isinstance(delta.get("content"), str) else ""
+    # llama.cpp and vLLM name a reasoning model's thinking `reasoning_content`; others `reasoning`.
+    thinking = delta.get("reasoning_content") or delta.get("reasoning")
+    if not isinstance(thinking, str) or not thinking:
+        return text or None
+    return Delta(text, thinking).to_wire()
+
+
+class OpenAIEmbed(OpenAIChat):
+    """One `/v1/embeddings`: a single JSON answer, yielded as one `{"embedding": [...]}` item per input."""
+
+    path = "/v1/embeddings"
+
+    def __init__(self, backend: OpenAIBackend, model: str, inputs: list[str], request: dict | None = None) -> None:
+        body: dict = {"model": model, "input": inputs, "encoding_format": "float"}
+        if (request or {}).get("dimensions"):
+            body["dimensions"] = request["dimensions"]
+        HttpChatStream.__init__(self, backend, model, body)
+
+    def _tokens(self, response: http.client.HTTPResponse) -> Iterator[dict]:
+        answer = _parse_event(response.read().decode("utf-8", "replace"))
+        data = answer.get("data")
+        if not isinstance(data, list):
+            raise BackendError("the server sent an embedding answer without 'data'")
+        for entry in sorted(data, key=lambda e: e.get("index", 0) if isinstance(e, dict) else 0):
+            self.tokens += 1
+            yield {"embedding": entry.get("embedding") if isinstance(entry, dict) else None}
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        self.stats = {"prompt_eval_count": usage.get("prompt_tokens", 0)}
 
 
 def _sse_data(response: http.client.HTTPResponse) -> Iterator[str]:

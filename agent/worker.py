@@ -24,6 +24,7 @@ from agent.config import AgentConfig
 from agent.exceptions import AgentError, JobGone, MalformedJob, ProtocolError, SignatureRejected, TransportError
 from agent.job import Job, JobRun, Poster
 from agent.legacy import LegacyPoster
+from protocol.models import EMBED, canonical_model
 from protocol.wire import POLL_PATH
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ DEFAULT_BACKOFF = Backoff(base=0.1, cap=10.0)
 # After the shutdown deadline, the aborted jobs get this long to post their final error.
 SHUTDOWN_FINISH_GRACE = 5.0
 SHUTDOWN_REASON = "the agent shut down before the answer was complete"
+# After a job, the next model report (what /api/ps shows as loaded) is due within this many seconds,
+# instead of at the next minutely refresh; a busy agent still reports at most this often.
+REPORT_AFTER_JOB_SECONDS = 2.0
+# Embedding vectors per POST: 8 vectors of 4,096 dimensions are ~650 KB of JSON, under the server's 1 MiB.
+EMBED_VECTORS_PER_POST = 8
 
 
 class StopRequested(BaseException):
@@ -90,6 +96,7 @@ class Worker:
         self.name = config.agent_id
         self.models: list[str] = list(config.models)
         self._models_due = 0.0
+        self._reported: dict | None = None
         self._running: dict[str, JobRun] = {}
         self._lock = threading.Lock()
         self._wakeup = Wakeup()
@@ -157,6 +164,7 @@ class Worker:
         else:
             self.models = available
             self._models_due = time.monotonic() + self.models_refresh
+        self._report_models()
         if not self.models:
             log.warning("%s: no models to serve: pull one (`ollama pull NAME`) or set MODELS", self.name)
         log.info("%s: serving %s from %s for %s with %d slot(s), %s poll, %s batches", self.name,
@@ -165,9 +173,12 @@ class Worker:
                  "legacy per-token" if self.config.legacy else self.config.batch_mode)
 
     def _refresh_models(self) -> None:
-        if self.config.models or time.monotonic() < self._models_due:
+        if time.monotonic() < self._models_due:
             return
         self._models_due = time.monotonic() + self.models_refresh
+        self._report_models()
+        if self.config.models:
+            return
         try:
             models = self.backend.models()
         except BackendError as exc:
@@ -177,6 +188,17 @@ class Worker:
             log.info("%s: now serving %s", self.name, ",".join(models) or "nothing")
             self.models = models
 
+    def _report_models(self) -> None:
+        """Tell the server what the engine says of its models (for /api/show, /api/ps), when it changed."""
+        if self.config.legacy:
+            return
+        try:
+            report = self.backend.describe()
+            if report is not None and report != self._reported:
+                self.client.report(report)
+                self._reported = report
+        except (BackendError, AgentError) as exc:
+            log.warning("%s: could not report the models' details: %s", self.name, exc)
     def _wait_for_slot(self) -> bool:
         """True once a job slot is free; False when a stop was requested meanwhile."""
         while not self._stop_requested:
@@ -192,7 +214,8 @@ class Worker:
             self._interruptible = True
             if self._stop_requested:
                 raise StopRequested
-            job = self.client.poll(self.models, self.config.max_jobs - self.running_jobs, self.config.long_poll)
+            job = self.client.poll(self.models, self.config.max_jobs - self.running_jobs, self.config.long_poll,
+                                   None if self.config.legacy else self.backend.kinds)
         except TransportError as exc:
             return self._server_trouble(ServerState.UNREACHABLE, exc)
         except SignatureRejected as exc:
@@ -251,12 +274,29 @@ class Worker:
             log.warning("%s: job %s handed out again while it runs here; the running one carries on",
                         self.name, job.id)
             return
-        stream = self.backend.chat(job.model, job.messages, job.options)
-        run = JobRun(job, stream, self._make_poster, self._job_finished, name=self.name)
+        model = self._engine_name(job.model)
+        if job.kind == EMBED:
+            stream = self.backend.embed(model, job.request["input"], job.options, job.request)
+        else:
+            stream = self.backend.chat(model, job.messages, job.options, job.request)
+        make_poster = self._make_poster if job.kind != EMBED else self._make_embed_poster
+        run = JobRun(job, stream, make_poster, self._job_finished, name=self.name)
         with self._lock:
             self._running[job.id] = run
         log.info("%s: job %s started (model %s)", self.name, job.id, job.model)
         run.start()
+
+    def _engine_name(self, model: str) -> str:
+        """The engine's own spelling of `model`: the server names models as Ollama does (`m` is `m:latest`)."""
+        if model in self.models:
+            return model
+        wanted = canonical_model(model)
+        return next((name for name in self.models if canonical_model(name) == wanted), model)
+
+    def _make_embed_poster(self, job_id: str, on_cancel: Callable[[], None]) -> Poster:
+        return TokenBatcher(job_id, self.client.send, max_tokens=self.config.batch_max_tokens,
+                            max_delay=self.config.batch_max_delay, adaptive=True, on_cancel=on_cancel,
+                            max_items=EMBED_VECTORS_PER_POST)
 
     def _make_poster(self, job_id: str, on_cancel: Callable[[], None]) -> Poster:
         if self.config.legacy:
@@ -268,6 +308,7 @@ class Worker:
     def _job_finished(self, run: JobRun, outcome: str) -> None:
         with self._lock:
             self._running.pop(run.job.id, None)
+            self._models_due = min(self._models_due, time.monotonic() + REPORT_AFTER_JOB_SECONDS)
         self._wakeup.wake()
 
     def _teardown(self) -> None:

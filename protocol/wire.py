@@ -1,7 +1,9 @@
 """The agent protocol's paths, one home for both sides (docs/protocol.md has the bodies)."""
 from __future__ import annotations
 
-# GET: a job (200) or nothing (204); query `models=a,b&slots=N&wait=S`.
+# GET: a job (200) or nothing (204); query `models=a,b&slots=N&wait=S&kinds=chat,features,embed`.
 POLL_PATH = "/api/v1/inference/poll"
 # POST: a batch of one job's chunks, a heartbeat, or its end.
 STREAM_PATH = "/api/v1/inference/stream"
+# POST: what the agent's Ollama reports of its models (protocol.models).
+MODELS_PATH = "/api/v1/inference/models"

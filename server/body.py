@@ -12,9 +12,13 @@ from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 MAX_DEPTH = 32
 
 
-def json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or a 400/413/415 error."""
-    if not request.is_json:
+def json_object(*, any_content_type: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400/413/415 error.
+
+    ``any_content_type``: read the body as JSON whatever its Content-Type, or none, as Ollama does
+    (litellm and Ollama's own ``curl -d`` examples send none); a body that is not JSON is still a 400.
+    """
+    if not (any_content_type or request.is_json):
         raise UnsupportedMediaType("the body must be JSON with Content-Type: application/json")
     raw = raw_body()
     if _too_deep(raw):
@@ -79,7 +83,8 @@ def mapping(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"'{name}' must be a JSON object", code="invalid_field")
     try:
-        json.dumps(value).encode("utf-8")
+        # ensure_ascii=False, as storage writes it: a lone surrogate then fails here, not in the database.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (UnicodeEncodeError, ValueError):
         raise BadRequest(f"'{name}' holds invalid Unicode", code="invalid_field") from None
     return value

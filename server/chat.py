@@ -12,7 +12,11 @@ existing frontends parse it line by line::
 
 The JSON after ``data:`` is one line, keeps non-ASCII as UTF-8, and uses
 ``json.dumps``' default ``": "`` and ``", "`` separators, as the legacy
-``{"delta": "<text>"}`` did.  A failure is ``event: error`` with
+``{"delta": "<text>"}`` did.  A chunk that carries more than text (a
+reasoning model's thinking, tool calls) adds fields beside ``delta``, which
+is then often ``""``: ``{"delta": "", "thinking": "..."}``,
+``{"delta": "", "tool_calls": [{"function": {"name", "arguments"}}]}``; a
+client that reads only ``delta`` shows the answer and nothing else.  A failure is ``event: error`` with
 ``data: {"error": {"code": ..., "message": ...}}``; ``event: status`` lines
 appear only when the client asks with ``"status_events": true``.
 """
@@ -23,7 +27,9 @@ import time
 
 from flask import Blueprint, current_app, jsonify, request
 
-from . import body, frontdoor, streaming
+from protocol.models import canonical_model
+
+from . import body, features, frontdoor, streaming
 from .auth import api_key_required
 from .errors import BadRequest, NotFound
 from .storage import agents, chunks, get_db, jobs
@@ -41,7 +47,8 @@ def _json(value: object) -> str:
 def encode_event(event: streaming.Event) -> bytes:
     """One event in the native SSE format."""
     if isinstance(event, streaming.ChunkEvent):
-        line = f"id: {event.seq}\ndata: {_json({'delta': event.text})}\n\n"
+        data = {"delta": event.text, **event.parts} if event.parts else {"delta": event.text}
+        line = f"id: {event.seq}\ndata: {_json(data)}\n\n"
     elif isinstance(event, streaming.KeepaliveEvent):
         return KEEPALIVE
     elif isinstance(event, streaming.DoneEvent):
@@ -62,7 +69,7 @@ def start_stream():
     payload = body.json_object()
     model, messages, options = frontdoor.validate_chat(payload)
     status_events = body.boolean(payload.get("status_events", False), "status_events")
-    job_id = frontdoor.start(model, messages, options, "native")
+    job_id = frontdoor.start(model, messages, options, "native", features.request_fields(payload))
     return _stream(job_id, -1, status_events)
 
 
@@ -81,7 +88,7 @@ def models():
     online = agents.online(get_db(), time.time(), current_app.config["AGENT_ONLINE_SECONDS"])
     served: dict[str, dict] = {}
     for agent in online:
-        for name in agent["models"]:
+        for name in {canonical_model(model) for model in agent["models"]}:
             entry = served.setdefault(name, {"name": name, "agents": 0, "slots": 0})
             entry["agents"] += 1
             entry["slots"] += agent["slots"] or 0

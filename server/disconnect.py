@@ -2,7 +2,7 @@
 
 ``DisconnectGuard`` counts the open streams of each job in this process;
 when the last one goes away before its final event, the job is cancelled at
-once (``CANCEL_GRACE`` 0) or marked ``client_left_at`` so the sweeper cancels
+once (``CANCEL_GRACE`` 0, or a door whose clients cannot resume) or marked ``client_left_at`` so the sweeper cancels
 it after ``CANCEL_GRACE`` unless a client resumes.  Opening a stream on a job clears that mark.
 """
 from __future__ import annotations
@@ -68,8 +68,9 @@ class DisconnectGuard:
     """
 
     def __init__(self, app: Flask, job_id: str, events: Iterator[Event], *,
-                 client_socket: socket.socket | None = None) -> None:
+                 client_socket: socket.socket | None = None, grace: float | None = None) -> None:
         self.app, self.job_id, self._events = app, job_id, events
+        self.grace = app.config["CANCEL_GRACE"] if grace is None else grace
         self._final = self._closed = self._left = False
         if open_streams(app).add(job_id) == 1:
             self._write(lambda conn: jobs.set_client_left(conn, job_id, None), "clear client_left_at")
@@ -106,7 +107,7 @@ class DisconnectGuard:
         self._left = True
         if open_streams(self.app).discard(self.job_id) > 0:
             return
-        now, job_id, grace = time.time(), self.job_id, self.app.config["CANCEL_GRACE"]
+        now, job_id, grace = time.time(), self.job_id, self.grace
         if grace <= 0:
             self._write(lambda conn: jobs.cancel_job(conn, job_id, now), "cancel")
             log.info("job %s: client left, cancelled", job_id)

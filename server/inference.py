@@ -1,7 +1,8 @@
-"""Agent protocol: signed poll and chunk stream (docs/protocol.md).
+"""Agent protocol: signed poll, chunk stream and model reports (docs/protocol.md).
 
-    GET  /api/v1/inference/poll    a job (200) or nothing (204); ?models=a,b&slots=N&wait=S
+    GET  /api/v1/inference/poll    a job (200) or nothing (204); ?models=a,b&slots=N&wait=S&kinds=...
     POST /api/v1/inference/stream  a batch of one job's chunks, a heartbeat, or its end
+    POST /api/v1/inference/models  what the agent's Ollama says of its models (for /api/show, /api/ps)
 """
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from werkzeug.datastructures import MultiDict
 
-from protocol.wire import POLL_PATH, STREAM_PATH
+from protocol import deltas
+from protocol.deltas import STATS_FIELDS, Delta
+from protocol.models import KINDS, LEGACY_KINDS, canonical_model
+from protocol.wire import MODELS_PATH, POLL_PATH, STREAM_PATH
 
-from . import body
+from . import body, reports
 from .auth import agent_required
 from .errors import BadRequest
 from .notifier import ANY_MODEL_KEY, queue_key
@@ -26,9 +30,6 @@ bp = Blueprint("inference", __name__)
 MAX_MODELS = 100
 MAX_MODEL_NAME = 200
 MAX_SLOTS = 1000
-# Ollama's final-line fields kept as a job's stats; other keys are dropped.
-STATS_FIELDS = ("done_reason", "eval_count", "eval_duration", "prompt_eval_count", "total_duration",
-                "load_duration")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class PollParams:
     models: list[str] | None    # None: not sent, the remembered list applies; []: serves nothing now
     slots: int
     wait: float                 # seconds; 0 is the short poll
+    kinds: list[str] | None = None    # None: not sent, an older agent (plain chats only)
+
+    @property
+    def runs(self) -> tuple[str, ...]:
+        """The job kinds this poll may be handed."""
+        return LEGACY_KINDS if self.kinds is None else tuple(self.kinds)
 
     @property
     def takes_jobs(self) -> bool:
@@ -48,7 +55,7 @@ class ChunkPost:
 
     id: str
     seq: int | None             # None: the legacy form, appended after what is stored
-    chunks: list[str]
+    chunks: list[str | Delta]
     done: bool
     stats: dict[str, Any] | None = None
     error: str | None = None
@@ -84,7 +91,12 @@ def poll_params(args: MultiDict, max_wait: float) -> PollParams:
     wait = _query_number(args, "wait", 0.0, float)
     if not (math.isfinite(wait) and wait >= 0):
         raise BadRequest("'wait' must be a number of seconds, 0 or more", code="invalid_query")
-    return PollParams(models, slots, min(wait, max_wait))
+    kinds = None
+    if "kinds" in args:
+        kinds = list(dict.fromkeys(k.strip() for raw in args.getlist("kinds") for k in raw.split(",") if k.strip()))
+        if not set(kinds) <= set(KINDS):
+            raise BadRequest(f"'kinds' takes names from {', '.join(KINDS)}", code="invalid_query")
+    return PollParams(models, slots, min(wait, max_wait), kinds)
 
 
 def _query_number(args: MultiDict, name: str, default, parse):
@@ -105,9 +117,9 @@ def _claim(app: Flask, agent_id: str, params: PollParams) -> tuple[jobs.Job | No
     declared = params.models or None
     try:
         with conn.transaction():
-            models = agents.touch(conn, agent_id, now, declared, params.slots)
+            models = agents.touch(conn, agent_id, now, declared, params.slots, params.kinds)
             job = jobs.claim_job(conn, agent_id, models, now, cfg["DELIVERY_LEASE_SECONDS"],
-                                 cfg["LEASE_SECONDS"]) if params.takes_jobs else None
+                                 cfg["LEASE_SECONDS"], params.runs) if params.takes_jobs else None
     finally:
         # A long poll parks next: it must not hold a connection while it waits.
         close_db()
@@ -121,7 +133,8 @@ def _wait_for_job(app: Flask, agent_id: str, models: list[str] | None, params: P
     NOTIFIER=poll the database is polled instead (other workers queue jobs).
     """
     notifier = get_storage(app).notifier
-    keys = [queue_key(m) for m in models] if models else [ANY_MODEL_KEY]
+    # Jobs are queued under Ollama's full name (`m:latest`); the agent may have declared either spelling.
+    keys = list({queue_key(n) for m in models for n in (m, canonical_model(m))}) if models else [ANY_MODEL_KEY]
     poll_every = app.config["POLL_INTERVAL"] if app.config["NOTIFIER"] == "poll" else None
     deadline = time.monotonic() + params.wait
     while not notifier.closed:
@@ -183,13 +196,20 @@ def chunk_post(payload: dict[str, Any]) -> ChunkPost:
     return ChunkPost(job_id, seq, chunks, done, _stats(payload.get("stats")), error)
 
 
-def _chunk_list(value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(type(c) is str for c in value):
-        raise BadRequest("'chunks' must be a list of strings", code="invalid_field")
-    # One encode for the batch instead of one per chunk: finds lone surrogates
-    # (valid JSON escapes that SQLite cannot store as UTF-8).
-    body.text("".join(value), "chunks", allow_empty=True)
-    return value
+def _chunk_list(value: Any) -> list[str | Delta]:
+    if not isinstance(value, list):
+        raise BadRequest("'chunks' must be a list of strings or chunk objects", code="invalid_field")
+    if all(type(c) is str for c in value):
+        # The common case, plain text: one encode for the batch instead of one per chunk finds
+        # lone surrogates (valid JSON escapes that SQLite cannot store as UTF-8).
+        body.text("".join(value), "chunks", allow_empty=True)
+        return value
+    try:
+        parsed = [deltas.from_wire(item) for item in value]
+    except deltas.WireError as exc:
+        raise BadRequest(f"'chunks': {exc}", code="invalid_field") from None
+    body.mapping({"chunks": value}, "chunks")       # lone surrogates anywhere, thinking and tool calls too
+    return parsed
 
 
 def _stats(value: Any) -> dict[str, Any] | None:
@@ -208,3 +228,13 @@ def _stats(value: Any) -> dict[str, Any] | None:
         else:
             kept[name] = field
     return kept or None
+
+
+# --- model reports ----------------------------------------------------------
+
+@bp.post(MODELS_PATH)
+@agent_required
+def report_models():
+    report = reports.checked(body.json_object())
+    agents.store_report(get_db(), g.agent_id, report, time.time())
+    return jsonify(ok=True, models=len(report["models"]), running=len(report["running"]))

@@ -1,15 +1,16 @@
-"""OpenAI-compatible front door: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+"""OpenAI-compatible front door: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/models``.
 
 A chat here is an ordinary request on the shared queue (``front_door`` =
-``openai``); only the wire format differs.  OpenAI's sampling parameters
-become Ollama options, and Ollama options may also be passed as ``options``
-(``extra_body`` in the official client).  Every error on these routes,
-including the shared body and API-key checks, is OpenAI's error object.
+``openai``); only the wire format differs (``openai_wire``).  OpenAI's
+sampling parameters become Ollama options, and Ollama options may also be
+passed as ``options`` (``extra_body`` in the official client).  Every error on
+these routes, including the shared body and API-key checks, is OpenAI's error object.
 """
 from __future__ import annotations
 
-import json
+import base64
 import re
+import struct
 import time
 from typing import Any
 
@@ -17,16 +18,16 @@ from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
-from . import body, frontdoor, streaming
+from protocol.models import canonical_model
+
+from . import body, features, frontdoor, openai_wire, streaming
 from .auth import api_key_required
 from .errors import ApiError
 
 bp = Blueprint("openai_api", __name__)
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # Parameters that change the answer in ways no agent can honour: refused, not silently dropped.
-UNSUPPORTED = ("tools", "functions", "logit_bias", "audio", "prediction", "top_logprobs")
-FINISH_REASONS = {"stop": "stop", "length": "length"}
+UNSUPPORTED = ("functions", "logit_bias", "audio", "prediction", "top_logprobs")
 
 
 class OpenAIError(Exception):
@@ -83,8 +84,8 @@ def _param_named_in(message: str) -> str | None:
 @bp.route("/v1/<any_path:_rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 @api_key_required
 def unknown_route(_rest: str):
-    raise OpenAIError(f"Invalid URL ({request.method} {request.path}): this server offers /v1/chat/completions "
-                      "and /v1/models", 404, code="unknown_url")
+    raise OpenAIError(f"Invalid URL ({request.method} {request.path}): this server offers /v1/chat/completions, "
+                      "/v1/embeddings and /v1/models", 404, code="unknown_url")
 
 
 @bp.get("/v1/models")
@@ -96,10 +97,10 @@ def list_models():
 @bp.get("/v1/models/<any_path:model>")
 @api_key_required
 def show_model(model: str):
-    if model not in frontdoor.served_models():
+    if not frontdoor.serves(model):
         raise OpenAIError(f"The model '{model}' does not exist or no online agent serves it", 404,
                           param="model", code="model_not_found")
-    return _model_entry(model)
+    return _model_entry(canonical_model(model))
 
 
 def _model_entry(name: str) -> dict[str, Any]:
@@ -110,51 +111,67 @@ def _model_entry(name: str) -> dict[str, Any]:
 @api_key_required
 def chat_completions():
     payload = body.json_object()
+    try:
+        converted = openai_wire.messages(payload.get("messages"))
+        options = _options(payload)
+        fields = openai_wire.request_fields(payload)
+    except openai_wire.Refused as exc:
+        raise OpenAIError(exc.message, param=exc.param, code=exc.code) from None
     model, messages, options = frontdoor.validate_chat(
-        {"model": payload.get("model"), "messages": _messages(payload.get("messages")), "options": _options(payload)})
+        {"model": payload.get("model"), "messages": converted, "options": options})
     stream = body.boolean(payload.get("stream", False), "stream")
     include_usage = _include_usage(payload, stream)
-    request_id = frontdoor.start(model, messages, options, "openai")
+    request_id = frontdoor.start(model, messages, options, "openai", fields)
     completion = {"id": "chatcmpl-" + request_id, "created": int(time.time()), "model": model}
-    events = frontdoor.guarded_events(request_id)
+    # An OpenAI client can never resume a stream: its leaving cancels the job at once.
+    events = frontdoor.guarded_events(request_id, grace=0)
     if stream:
-        return streaming.stream_response(events, ChunkEncoder(completion, include_usage), request_id=request_id)
+        encoder = openai_wire.ChunkEncoder(completion, include_usage, OpenAIError)
+        return streaming.stream_response(events, encoder, request_id=request_id)
+    answer = _collected(events)
+    called = bool(answer.tool_calls)
+    return {**completion, "object": "chat.completion",
+            "choices": [{"index": 0, "message": openai_wire.message(answer, request_id[:12]), "logprobs": None,
+                         "finish_reason": openai_wire.finish_reason(answer.stats, called)}],
+            "usage": openai_wire.usage(answer.stats)}
+
+
+@bp.post("/v1/embeddings")
+@api_key_required
+def embeddings():
+    payload = body.json_object()
+    model = frontdoor.validate_model(payload)
+    raw = payload.get("input")
+    if isinstance(raw, list) and raw and all(isinstance(x, int) or isinstance(x, list) for x in raw):
+        raise OpenAIError("'input' as token arrays is not supported: send text", param="input",
+                          code="unsupported_parameter")
+    inputs = features.embed_inputs(raw)
+    encoding = payload.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise OpenAIError("'encoding_format' must be 'float' or 'base64'", param="encoding_format",
+                          code="invalid_value")
+    fields = {}
+    if payload.get("dimensions") is not None:
+        fields["dimensions"] = body.integer(payload["dimensions"], "dimensions", minimum=1, maximum=65536)
+    request_id = frontdoor.start_embed(model, inputs, {}, "openai", fields)
+    answer = _collected(frontdoor.guarded_events(request_id, grace=0))
+    prompt_tokens = int(answer.stats.get("prompt_eval_count") or 0)
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i, "embedding": _encoded(vector, encoding)}
+                     for i, vector in enumerate(answer.embeddings)],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+def _encoded(vector: list[float], encoding: str) -> list[float] | str:
+    # OpenAI's base64 form: the float32 values, little-endian, base64-encoded.
+    return vector if encoding == "float" else base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def _collected(events) -> frontdoor.Answer:
     try:
-        answer = frontdoor.collect(events)
+        return frontdoor.collect(events)
     except frontdoor.AnswerFailed as exc:
         raise OpenAIError(exc.message, exc.status, code=exc.code) from None
-    message = {"role": "assistant", "content": answer.text}
-    return {**completion, "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": _finish_reason(answer.stats)}],
-            "usage": _usage(answer.stats)}
-
-
-def _messages(messages: Any) -> Any:
-    """OpenAI's message forms (content parts, the ``developer`` role) as plain {role, content}."""
-    if not isinstance(messages, list):
-        return messages           # validate_chat names the problem
-    plain = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return messages
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(_text_part(part, f"messages[{i}].content[{j}]") for j, part in enumerate(content))
-        elif content is None and message.get("role") == "assistant":
-            content = ""          # an assistant turn that only carried tool calls
-        role = message.get("role")
-        # A list or object as the role would be unhashable here: leave it for validate_chat to refuse.
-        plain.append({"role": ROLES.get(role, role) if isinstance(role, str) else role, "content": content})
-    return plain
-
-
-def _text_part(part: Any, name: str) -> str:
-    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-        return part["text"]
-    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-    raise OpenAIError(f"'{name}': content parts of type {kind!r} are not supported, only 'text'", param=name,
-                      code="unsupported_content")
 
 
 def _options(payload: dict[str, Any]) -> dict[str, Any]:
@@ -166,11 +183,6 @@ def _options(payload: dict[str, Any]) -> dict[str, Any]:
         raise _unsupported("n", "'n' must be 1: this server returns one choice per request")
     if payload.get("logprobs"):
         raise _unsupported("logprobs", "'logprobs' is not supported by this server")
-    if payload.get("tool_choice") not in (None, "none"):
-        raise _unsupported("tool_choice", "'tool_choice' is not supported: this server has no tools")
-    response_format = payload.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise _unsupported("response_format", "only 'response_format': {'type': 'text'} is supported")
     options = dict(body.mapping(payload["options"], "options")) if payload.get("options") is not None else {}
     for name, low, high in (("temperature", 0, 2), ("top_p", 0, 1), ("presence_penalty", -2, 2),
                             ("frequency_penalty", -2, 2)):
@@ -213,50 +225,3 @@ def _include_usage(payload: dict[str, Any], stream: bool) -> bool:
                           code="invalid_value")
     return body.boolean(body.mapping(stream_options, "stream_options").get("include_usage", False),
                         "stream_options.include_usage")
-
-
-def _finish_reason(stats: dict[str, Any] | None) -> str:
-    return FINISH_REASONS.get((stats or {}).get("done_reason"), "stop")
-
-
-def _usage(stats: dict[str, Any] | None) -> dict[str, int]:
-    stats = stats or {}
-    prompt, completion = int(stats.get("prompt_eval_count") or 0), int(stats.get("eval_count") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-class ChunkEncoder:
-    """Engine events as ``chat.completion.chunk`` SSE events, role first, then ``data: [DONE]``."""
-
-    def __init__(self, completion: dict[str, Any], include_usage: bool) -> None:
-        self.completion = {**completion, "object": "chat.completion.chunk"}
-        self.include_usage = include_usage
-        self.role_sent = False
-
-    def __call__(self, event: streaming.Event) -> bytes:
-        if isinstance(event, streaming.KeepaliveEvent):
-            return b": keepalive\n\n"
-        if isinstance(event, streaming.StatusEvent):
-            return b""
-        if isinstance(event, streaming.ErrorEvent):
-            error = OpenAIError(event.message, frontdoor.FAILURE_STATUS.get(event.code, 500), code=event.code)
-            return _sse(error.to_json())
-        out = b"" if self.role_sent else self._chunk({"role": "assistant", "content": ""})
-        self.role_sent = True
-        if isinstance(event, streaming.ChunkEvent):
-            return out + self._chunk({"content": event.text})
-        out += self._chunk({}, _finish_reason(event.stats))
-        if self.include_usage:
-            out += _sse({**self.completion, "choices": [], "usage": _usage(event.stats)})
-        return out + b"data: [DONE]\n\n"
-
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
-        chunk = {**self.completion, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                 "finish_reason": finish_reason}]}
-        if self.include_usage:
-            chunk["usage"] = None     # OpenAI's rule: null on every chunk but the last
-        return _sse(chunk)
-
-
-def _sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"

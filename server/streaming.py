@@ -21,6 +21,7 @@ chat and queueing it) is ``frontdoor``'s; a client going away is ``disconnect``'
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -43,6 +44,7 @@ class ChunkEvent:
     seq: int
     text: str
     stored_at: float = field(default=0.0, compare=False)   # when the agent's POST stored it (for metrics)
+    parts: dict[str, Any] | None = None                     # thinking, tool_calls, embedding (protocol.deltas)
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,8 @@ class _Cursor:
 
     def advance(self, progress: jobs.Progress) -> list[Event]:
         events: list[Event] = self._status(progress) if self.reports_status else []
-        for seq, text, stored_at in progress.chunks:
-            events.append(ChunkEvent(seq, text, stored_at))
+        for seq, text, stored_at, parts in progress.chunks:
+            events.append(ChunkEvent(seq, text, stored_at, json.loads(parts) if parts else None))
             self.last_seq = seq
         final = final_event(progress.status, progress.error_code, progress.error_message, progress.stats)
         if final is not None:

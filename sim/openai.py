@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import time
 
+from protocol.models import canonical_model
 from sim.plan import SimError, build_plan
-from sim.tokens import canonical_model, chat_prompt
+from sim.tokens import chat_prompt
 from sim.wire import Turn, chunk, dumps
 
 SSE = "text/event-stream"

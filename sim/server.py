@@ -12,7 +12,10 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from protocol.models import canonical_model
+from sim import features
 from sim.log import EmitLog
+from sim.models import ModelRoutes
 from sim.openai import OpenAIRoutes
 from sim.plan import (
     Plan,
@@ -20,7 +23,7 @@ from sim.plan import (
     SimError,
     build_plan,
 )
-from sim.tokens import canonical_model, chat_prompt
+from sim.tokens import chat_prompt
 from sim.wire import Turn, chunk, dumps, model_entry, rfc3339
 
 log = logging.getLogger(__name__)
@@ -58,8 +61,13 @@ class SimulatorServer(ThreadingHTTPServer):
         with self._ready_lock:
             return self._ready_at.setdefault(model, now + self.config.load_ms / 1000)
 
+    def loaded(self) -> list[str]:
+        """The models that were asked for (what `/api/ps` lists)."""
+        with self._ready_lock:
+            return sorted(self._ready_at)
 
-class SimulatorHandler(OpenAIRoutes, BaseHTTPRequestHandler):
+
+class SimulatorHandler(OpenAIRoutes, ModelRoutes, BaseHTTPRequestHandler):
     """Answers one connection's requests the way Ollama would."""
 
     protocol_version = "HTTP/1.1"
@@ -69,13 +77,14 @@ class SimulatorHandler(OpenAIRoutes, BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._dispatch({"/": self._root, "/api/version": self._version, "/api/tags": self._tags,
-                        "/v1/models": self._openai_models,
+                        "/api/ps": self._ps, "/v1/models": self._openai_models,
                         "/sim/log": self._log})
 
     do_HEAD = do_GET
 
     def do_POST(self) -> None:  # noqa: N802
         self._dispatch({"/api/chat": self._chat, "/api/generate": self._generate, "/sim/reset": self._reset,
+                        "/api/show": self._show, "/api/embed": self._embed, "/api/embeddings": self._embeddings,
                         "/v1/chat/completions": self._openai_chat})
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
@@ -155,7 +164,7 @@ class SimulatorHandler(OpenAIRoutes, BaseHTTPRequestHandler):
         messages = body.get("messages") or []
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise SimError(400, "messages must be a list of objects")
-        self._answer("chat", body, chat_prompt(messages), loading=not messages)
+        self._answer("chat", body, chat_prompt(messages), loading=not messages, messages=messages)
 
     def _generate(self) -> None:
         body = self._json_body()
@@ -164,7 +173,7 @@ class SimulatorHandler(OpenAIRoutes, BaseHTTPRequestHandler):
             raise SimError(400, "prompt must be a string")
         self._answer("generate", body, prompt, loading=not prompt)
 
-    def _answer(self, kind: str, body: dict, prompt: str, loading: bool) -> None:
+    def _answer(self, kind: str, body: dict, prompt: str, loading: bool, messages: list[dict] = ()) -> None:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise SimError(400, "model is required")
@@ -174,7 +183,8 @@ class SimulatorHandler(OpenAIRoutes, BaseHTTPRequestHandler):
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise SimError(400, "options must be an object")
-        plan = build_plan(self.server.config, name, prompt, options)
+        prompt += features.check(body, name, list(messages))
+        plan = features.shape(build_plan(self.server.config, name, prompt, options), body, list(messages))
         stream = body.get("stream") is not False
         turn = self._start(kind, model, prompt, plan, stream, options.get("sim_tag"))
         if loading:
@@ -245,7 +255,7 @@ class SimulatorHandler(OpenAIRoutes, BaseHTTPRequestHandler):
 
     def _answer_whole(self, turn: Turn) -> None:
         if self._await_whole(turn):
-            self._send(200, turn.final("".join(turn.plan.tokens)).rstrip(b"\n"))
+            self._send(200, turn.final(turn.plan.tokens).rstrip(b"\n"))
             self.server.emit_log.record("done", turn.req, done_reason=turn.plan.done_reason)
 
     def _await_whole(self, turn: Turn) -> bool:

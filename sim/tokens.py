@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
+from protocol.models import canonical_model
+
 SPECIAL_EVERY = 5
 SPECIAL_OFFSET = 1
 
@@ -30,11 +32,6 @@ SPECIAL_TOKENS = (
     " naïve 😀",
     "\t→",
 )
-
-
-def canonical_model(name: str) -> str:
-    """Ollama's full name for `name`: a missing tag means `:latest`."""
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
 def chat_prompt(messages: Iterable[dict]) -> str:

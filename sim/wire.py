@@ -51,17 +51,31 @@ class Turn:
     load_ns: int
     started_ns: int
 
-    def line(self, text: str, **fields: object) -> bytes:
-        """One response object carrying `text` (and `fields`), newline-terminated."""
-        body = {"model": self.model, "created_at": rfc3339(time.time_ns())}
+    def line(self, token: str | dict, **fields: object) -> bytes:
+        """One response object carrying a token (text, or `{"thinking"}` / `{"tool_calls"}`), newline-terminated."""
+        body: dict = {"model": self.model, "created_at": rfc3339(time.time_ns())}
+        text = token if isinstance(token, str) else token.get("text", "")
+        extra = {} if isinstance(token, str) else {k: v for k, v in token.items() if k != "text"}
         if self.kind == "chat":
-            body["message"] = {"role": "assistant", "content": text}
+            body["message"] = {"role": "assistant", "content": text, **extra}
         else:
             body["response"] = text
+            if "thinking" in extra:
+                body["thinking"] = extra["thinking"]
         return dumps({**body, **fields}) + b"\n"
 
-    def final(self, text: str = "") -> bytes:
-        """The `done` object with Ollama's statistics, all durations in nanoseconds."""
+    def final(self, tokens: list | str = "") -> bytes:
+        """The `done` object with Ollama's statistics, all durations in nanoseconds; with the whole
+        answer's `tokens` when it was not streamed."""
+        items = [tokens] if isinstance(tokens, str) else tokens
+        whole: dict = {}
+        text = "".join(t for t in items if isinstance(t, str))
+        thinking = "".join(t.get("thinking", "") for t in items if isinstance(t, dict))
+        calls = [c for t in items if isinstance(t, dict) for c in t.get("tool_calls", ())]
+        if thinking:
+            whole["thinking"] = thinking
+        if calls:
+            whole["tool_calls"] = calls
         offsets, count = self.plan.offsets, len(self.plan.tokens)
         stats = {
             "done_reason": self.plan.done_reason,
@@ -75,4 +89,4 @@ class Turn:
         }
         if self.kind == "generate":
             stats["context"] = list(range(1, stats["prompt_eval_count"] + count + 1))
-        return self.line(text, **stats)
+        return self.line({**whole, "text": text} if whole else text, **stats)

@@ -8,6 +8,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.models import CHAT, LEGACY_KINDS, canonical_model
+
 from ..errors import Unauthorized
 from .base import Connection
 
@@ -40,30 +42,42 @@ def secret_for(conn: Connection, agent_id: str) -> str | None:
 
 
 def touch(conn: Connection, agent_id: str, now: float, models: list[str] | None = None,
-          slots: int | None = None) -> list[str] | None:
+          slots: int | None = None, kinds: list[str] | None = None) -> list[str] | None:
     """Record that the agent was seen, and what it declared; returns its models (None: serves any).
 
     One statement: a poll that omits ``models`` gets the remembered list back
-    from it.  Raises Unauthorized if the agent was removed meanwhile (a parked poll).
+    from it; ``kinds`` is what this poll said (None: an older agent).  Raises
+    Unauthorized if the agent was removed meanwhile (a parked poll).
     """
     active = "WHERE id = ? AND removed_at IS NULL RETURNING models"
-    if models is None:
-        row = conn.execute(f"UPDATE agents SET last_seen = ?, slots = coalesce(?, slots) {active}",
-                         (now, slots, agent_id)).fetchone()
-    else:
-        row = conn.execute(f"UPDATE agents SET last_seen = ?, models = ?, slots = coalesce(?, slots) {active}",
-                         (now, json.dumps(models), slots, agent_id)).fetchone()
+    declared = None if models is None else json.dumps(models)
+    row = conn.execute(f"UPDATE agents SET last_seen = ?, models = coalesce(?, models), slots = coalesce(?, slots),"
+                       f" kinds = ? {active}",
+                       (now, declared, slots, None if kinds is None else json.dumps(kinds), agent_id)).fetchone()
     if row is None:
         raise Unauthorized("this agent was removed", code="bad_signature")
     return json.loads(row[0]) or None
 
 
+def store_report(conn: Connection, agent_id: str, report: dict[str, Any], now: float) -> None:
+    """Keep what the agent's Ollama says of its models (protocol/models.py), and count it as a sign of life."""
+    conn.execute("UPDATE agents SET report = ?, reported_at = ?, last_seen = ? WHERE id = ?",
+                 (json.dumps(report, ensure_ascii=False), now, now, agent_id))
+
+
+def reports(conn: Connection, now: float, window: float) -> list[dict[str, Any]]:
+    """The model reports of agents online within ``window`` seconds, the freshest first."""
+    rows = conn.execute("SELECT report FROM agents WHERE removed_at IS NULL AND last_seen >= ? AND report IS NOT NULL"
+                        " ORDER BY reported_at DESC", (now - window,)).fetchall()
+    return [json.loads(row[0]) for row in rows]
+
+
 def online(conn: Connection, now: float, window: float) -> list[dict[str, Any]]:
-    """Active agents seen within ``window`` seconds, without their secrets."""
+    """Active agents seen within ``window`` seconds, without their secrets; ``kinds`` is what each runs."""
     rows = conn.execute(
-        "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed FROM agents"
+        "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed, kinds FROM agents"
         " WHERE removed_at IS NULL AND last_seen >= ? ORDER BY name", (now - window,)).fetchall()
-    return [_public(r) for r in rows]
+    return [_public(r[:7]) | {"kinds": json.loads(r[7]) if r[7] else list(LEGACY_KINDS)} for r in rows]
 
 
 def list_agents(conn: Connection) -> list[dict[str, Any]]:
@@ -80,9 +94,12 @@ def name_of(conn: Connection, agent_id: str) -> str | None:
     return row[0] if row else None
 
 
-def serves(agents: list[dict[str, Any]], model: str) -> bool:
-    """Whether any of these agents serves ``model``; an agent that declared nothing serves any."""
-    return any(not a["models"] or model in a["models"] for a in agents)
+def serves(agents: list[dict[str, Any]], model: str, kind: str = CHAT) -> bool:
+    """Whether any of these agents runs ``kind`` jobs of ``model`` (with or without ``:latest``);
+    an agent that declared no models serves any."""
+    name = canonical_model(model)
+    return any((not a["models"] or name in {canonical_model(m) for m in a["models"]})
+               and kind in a.get("kinds", LEGACY_KINDS) for a in agents)
 
 
 def _public(row: tuple) -> dict[str, Any]:

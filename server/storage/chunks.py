@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from protocol.deltas import Delta
 
 from ..errors import Conflict, Forbidden, Gone, NotFound
 from ..notifier import job_key
@@ -37,12 +40,14 @@ def chunks_after(conn: Connection, job_id: str, after_seq: int) -> list[tuple[in
                         (job_id, after_seq)).fetchall()
 
 
-def append_chunks(conn: Connection, agent_id: str, job_id: str, seq: int | None, chunks: list[str], done: bool,
+def append_chunks(conn: Connection, agent_id: str, job_id: str, seq: int | None, chunks: Sequence[str | Delta],
+                  done: bool,
                   now: float, lease_seconds: float, stats: dict[str, Any] | None = None,
                   error: str | None = None) -> Appended:
     """Store one POST's chunks, renew the lease and touch the agent, in one transaction.
 
-    ``seq=None`` appends (legacy agents).  Raises NotFound (unknown id),
+    A chunk is plain text or a Delta (thinking, tool calls, an embedding: kept as JSON
+    beside its text).  ``seq=None`` appends (legacy agents).  Raises NotFound (unknown id),
     Forbidden (another agent's job), Gone (this agent no longer holds it) or
     Conflict with ``expected_seq`` (a gap); then nothing is written.
     """
@@ -86,7 +91,8 @@ def _check_holder(job: _HeldJob, agent_id: str) -> None:
         raise Gone("this agent no longer holds the job: its lease ran out", code="lease_expired")
 
 
-def _store_post(conn: Connection, job: _HeldJob, seq: int | None, chunks: list[str], done: bool, now: float,
+def _store_post(conn: Connection, job: _HeldJob, seq: int | None, chunks: Sequence[str | Delta], done: bool,
+                now: float,
                 lease_seconds: float, stats: dict[str, Any] | None, error: str | None) -> Appended:
     next_seq = job.next_seq
     if job.status == Status.CANCELLED:
@@ -106,11 +112,11 @@ def _store_post(conn: Connection, job: _HeldJob, seq: int | None, chunks: list[s
     fresh = chunks[next_seq - seq:] if end > next_seq else []
     if fresh:
         # One multi-row INSERT: a statement per batch, not per chunk (a round trip each on PostgreSQL).
-        rows = [(job.id, next_seq + i, text, now) for i, text in enumerate(fresh)]
+        rows = [(job.id, next_seq + i, _text(chunk), now, _parts(chunk)) for i, chunk in enumerate(fresh)]
         for start in range(0, len(rows), INSERT_ROWS):
             part = rows[start:start + INSERT_ROWS]
-            conn.execute("INSERT INTO chunks (job_id, seq, text, created_at) VALUES "
-                         + ", ".join(["(?, ?, ?, ?)"] * len(part)), [v for row in part for v in row])
+            conn.execute("INSERT INTO chunks (job_id, seq, text, created_at, parts) VALUES "
+                         + ", ".join(["(?, ?, ?, ?, ?)"] * len(part)), [v for row in part for v in row])
     new_next = next_seq + len(fresh)
     started = job.status == Status.DELIVERED
     if job.cancel_requested:
@@ -131,3 +137,12 @@ def _store_post(conn: Connection, job: _HeldJob, seq: int | None, chunks: list[s
                first_token_at = coalesce(first_token_at, CASE WHEN ? THEN ? END) WHERE id = ?""",
         (new_next, now + lease_seconds, bool(fresh), now, job.id))
     return Appended(new_next, False, len(fresh), False, job.model, started)
+
+
+def _text(chunk: str | Delta) -> str:
+    return chunk if isinstance(chunk, str) else chunk.text
+
+
+def _parts(chunk: str | Delta) -> str | None:
+    parts = None if isinstance(chunk, str) else chunk.parts()
+    return None if parts is None else json.dumps(parts, ensure_ascii=False)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from protocol.models import CHAT, canonical_model
+
 from ..notifier import ANY_MODEL_KEY, job_key, queue_key
 from .base import Connection
 
@@ -36,13 +38,17 @@ class Job:
 
     id: str
     model: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     options: dict[str, Any]
     lease_seconds: float
+    kind: str = CHAT
+    request: dict[str, Any] | None = None   # Ollama fields passed through (tools, format, think, input...)
 
     def to_json(self) -> dict[str, Any]:
+        # A plain chat is exactly what older agents know; the rest only goes to agents that declared its kind.
+        extra = {} if self.kind == CHAT else {"kind": self.kind, **(self.request or {})}
         return {"id": self.id, "model": self.model, "messages": self.messages,
-                "options": self.options, "lease_seconds": self.lease_seconds}
+                "options": self.options, "lease_seconds": self.lease_seconds, **extra}
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class Progress:
     error_code: str | None
     error_message: str | None
     stats: dict[str, Any] | None
-    chunks: list[tuple[int, str, float]]    # (seq, text, stored_at)
+    chunks: list[tuple[int, str, float, str | None]]    # (seq, text, stored_at, parts JSON)
     position: int | None                    # 1-based place in its model's queue, when asked and queued
 
 
@@ -66,27 +72,33 @@ def announce(conn: Connection, model: str) -> None:
     conn.notify(ANY_MODEL_KEY, wake=1)
 
 
-def create_job(conn: Connection, model: str, messages: list[dict[str, str]], options: dict[str, Any],
-               now: float, front_door: str = "native") -> str:
+def create_job(conn: Connection, model: str, messages: list[dict[str, Any]], options: dict[str, Any],
+               now: float, front_door: str = "native", kind: str = CHAT,
+               request: dict[str, Any] | None = None) -> str:
     """Queue a new job and wake a long poll for it; returns its id."""
     job_id = uuid.uuid4().hex
     conn.execute(
-        "INSERT INTO jobs (id, model, messages, options, front_door, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (id, model, messages, options, front_door, created_at, kind, request)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (job_id, model, json.dumps(messages, ensure_ascii=False), json.dumps(options, ensure_ascii=False),
-         front_door, now))
+         front_door, now, kind, json.dumps(request, ensure_ascii=False) if request else None))
     announce(conn, model)
     return job_id
 
 
 def claim_job(conn: Connection, agent_id: str, models: list[str] | None, now: float,
-              delivery_lease: float, lease_seconds: float) -> Job | None:
-    """Atomically hand the oldest queued job of ``models`` (any model if None) to ``agent_id``."""
-    where, params = "status = 'queued'", []
+              delivery_lease: float, lease_seconds: float, kinds: tuple[str, ...] = (CHAT,)) -> Job | None:
+    """Atomically hand the oldest queued job of ``models`` (any model if None) and ``kinds`` to ``agent_id``.
+
+    A model matches with or without its ``:latest`` tag, as Ollama matches it.
+    """
+    where, params = f"status = 'queued' AND kind IN ({', '.join('?' * len(kinds))})", list(kinds)
     if models is not None:
         if not models:
             return None
-        where += f" AND model IN ({', '.join('?' * len(models))})"
-        params += models
+        names = list(dict.fromkeys([*models, *(canonical_model(m) for m in models)]))
+        where += f" AND model IN ({', '.join('?' * len(names))})"
+        params += names
     # One UPDATE ... RETURNING statement: two pollers can never claim the same row (on SQLite the write
     # lock covers the statement; elsewhere the row lock is taken and contended rows are skipped).
     row = conn.execute(
@@ -94,12 +106,13 @@ def claim_job(conn: Connection, agent_id: str, models: list[str] | None, now: fl
                 assigned_at = ?, lease_expires = ?
             WHERE id = (SELECT id FROM jobs WHERE {where} ORDER BY created_at, rowid LIMIT 1{conn.skip_locked})
               AND status = 'queued'
-            RETURNING id, model, messages, options""",
+            RETURNING id, model, messages, options, kind, request""",
         [agent_id, now, now + delivery_lease, *params]).fetchone()
     if row is None:
         return None
     conn.notify(job_key(row[0]))
-    return Job(row[0], row[1], json.loads(row[2]), json.loads(row[3]), lease_seconds)
+    return Job(row[0], row[1], json.loads(row[2]), json.loads(row[3]), lease_seconds, row[4],
+               json.loads(row[5]) if row[5] else None)
 
 
 def get_job(conn: Connection, job_id: str) -> dict[str, Any] | None:
@@ -109,7 +122,7 @@ def get_job(conn: Connection, job_id: str) -> dict[str, Any] | None:
     if row is None:
         return None
     record = dict(zip([d[0] for d in cursor.description], row, strict=True))
-    for key in ("messages", "options", "stats"):
+    for key in ("messages", "options", "stats", "request"):
         if record.get(key):
             record[key] = json.loads(record[key])
     return record
@@ -118,7 +131,7 @@ def get_job(conn: Connection, job_id: str) -> dict[str, Any] | None:
 # One statement over both primary keys: a job row and its new chunks,
 # consistent with each other (a final status never comes without its chunks).
 _PROGRESS_SQL = """
-SELECT j.status, j.error_code, j.error_message, j.stats, j.model, j.created_at, c.seq, c.text, c.created_at
+SELECT j.status, j.error_code, j.error_message, j.stats, j.model, j.created_at, c.seq, c.text, c.created_at, c.parts
 FROM jobs AS j LEFT JOIN chunks AS c ON c.job_id = j.id AND c.seq > ?
 WHERE j.id = ? ORDER BY c.seq"""
 
@@ -129,7 +142,7 @@ def progress(conn: Connection, job_id: str, after_seq: int, with_position: bool 
     if not rows:
         return None
     status, code, message, stats, model, created_at = rows[0][:6]
-    chunks = [(seq, text, stored_at) for *_, seq, text, stored_at in rows if seq is not None]
+    chunks = [(seq, text, stored_at, parts) for *_, seq, text, stored_at, parts in rows if seq is not None]
     position = None
     if with_position and status == Status.QUEUED:
         position = conn.execute("SELECT count(*) FROM jobs WHERE status = 'queued' AND model = ? AND created_at <= ?",

@@ -93,8 +93,11 @@ def test_tokens_then_the_final_lines_statistics(canned):
     (line("a") + b"[1, 2]\n", 200, "Ollama sent a line that is not a JSON object"),
     (line("a") + b'{"error": "CUDA out of memory"}\n', 200, "Ollama: CUDA out of memory"),
     (line("a"), 200, "the connection to Ollama was lost after 1 tokens"),
+    # Ollama refusing the request (4xx) is passed through in its own words, for the user to read.
     (b'{"error": "model \\"x\\" not found, try pulling it first"}', 404,
-     'Ollama answered 404: model "x" not found, try pulling it first'),
+     'model "x" not found, try pulling it first'),
+    (b'{"error": "registry.ollama.ai/library/gemma:2b does not support tools"}', 400,
+     "registry.ollama.ai/library/gemma:2b does not support tools"),
     (b"upstream down", 502, "Ollama answered 502: upstream down"),
 ])
 def test_bad_answers_are_one_clear_error(canned, body, status, message):

@@ -56,6 +56,7 @@ class FakeStream:
 
 class FakeBackend:
     url = "http://ollama.test"
+    kinds = ("chat", "features", "embed")
 
     def __init__(self, models=("sim",)) -> None:
         self.available = list(models)
@@ -65,10 +66,13 @@ class FakeBackend:
     def models(self) -> list[str]:
         return list(self.available)
 
-    def chat(self, model: str, messages: list[dict], options: dict) -> FakeStream:
+    def chat(self, model: str, messages: list[dict], options: dict, request: dict | None = None) -> FakeStream:
         stream = self.answers.get(messages[-1]["content"]) or FakeStream(["Hel", "lo", " 🦙"])
         self.streams.append(stream)
         return stream
+
+    def describe(self) -> dict:
+        return {"models": [{"name": name} for name in self.available], "running": [], "version": "test"}
 
 
 class FakeClient:
@@ -82,9 +86,10 @@ class FakeClient:
         self.posts: list[ChunkBatch] = []
         self.legacy_posts: list[tuple[str, str, bool, str | None]] = []
         self.cancelled: set[str] = set()
+        self.reports: list[dict] = []
         self.lock = threading.Lock()
 
-    def poll(self, models, slots, wait=0):
+    def poll(self, models, slots, wait=0, kinds=None):
         with self.lock:
             self.polls.append((list(models), slots))
             answer = self.answers.popleft() if self.answers else None
@@ -103,6 +108,9 @@ class FakeClient:
         with self.lock:
             self.legacy_posts.append((job_id, chunk, done, error))
         return job_id in self.cancelled
+
+    def report(self, report: dict) -> None:
+        self.reports.append(report)
 
     def close(self) -> None:
         pass
@@ -347,9 +355,9 @@ def test_a_long_poll_asks_the_server_to_hold_it(run_worker):
     waits: list[float] = []
 
     class LongPolled(FakeClient):
-        def poll(self, models, slots, wait=0):
+        def poll(self, models, slots, wait=0, kinds=None):
             waits.append(wait)
-            return super().poll(models, slots, wait)
+            return super().poll(models, slots, wait, kinds)
 
     run_worker(LongPolled(job("j1")), long_poll=20)
     wait_until(lambda: len(waits) >= 2, message="two polls")

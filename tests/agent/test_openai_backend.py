@@ -246,7 +246,7 @@ def test_the_agent_serves_an_openai_compatible_engine_through_both_front_doors(o
     olla = ollama.Client(host=server.url, timeout=30)
     try:
         answer = olla.chat(model="sim", messages=MESSAGES, options={"num_predict": 7})
-        assert [m.model for m in olla.list().models] == ["sim"]
+        assert [m.model for m in olla.list().models] == ["sim:latest"]     # Ollama's full name, once
     finally:
         olla.close()
     assert answer.message.content == expected(tokens=7) and answer.done_reason == "length"

@@ -43,7 +43,7 @@ def test_a_chat_streams_the_simulators_exact_text(stack):
     ("sim", {"sim_error_after": 3}, "Ollama: simulated failure"),
     ("sim", {"sim_drop_after": 3}, "the connection to Ollama was lost after 3 tokens"),
     ("sim", {"sim_status": 500}, "Ollama answered 500"),
-    ("ghost", {}, 'Ollama answered 404: model "ghost" not found'),
+    ("ghost", {}, 'model "ghost" not found'),
 ])
 def test_a_failing_ollama_ends_the_chat_with_a_clear_error_and_the_agent_keeps_serving(stack, model, options,
                                                                                        message):

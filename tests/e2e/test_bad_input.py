@@ -41,9 +41,12 @@ CHAT = Endpoint("POST", "/api/v1/chat/stream", NATIVE, {"model": "m", "messages"
 COMPLETIONS = Endpoint("POST", "/v1/chat/completions", OPENAI, {"model": "m", "messages": HELLO})
 OLLAMA_CHAT = Endpoint("POST", "/api/chat", OLLAMA, {"model": "m", "messages": HELLO})
 GENERATE = Endpoint("POST", "/api/generate", OLLAMA, {"model": "m", "prompt": "hi"})
+EMBED = Endpoint("POST", "/api/embed", OLLAMA, {"model": "m", "input": "hi"})
+EMBEDDINGS = Endpoint("POST", "/v1/embeddings", OPENAI, {"model": "m", "input": "hi"})
 STREAM = Endpoint("POST", "/api/v1/inference/stream", NATIVE, {"id": JOB, "chunks": ["hi"], "seq": 1}, signed=True)
+REPORT = Endpoint("POST", "/api/v1/inference/models", NATIVE, {"models": [{"name": "hi"}]}, signed=True)
 POLL = Endpoint("GET", "/api/v1/inference/poll", NATIVE, signed=True)
-BODY_ENDPOINTS = (CHAT, COMPLETIONS, OLLAMA_CHAT, GENERATE, STREAM)
+BODY_ENDPOINTS = (CHAT, COMPLETIONS, OLLAMA_CHAT, GENERATE, EMBED, EMBEDDINGS, STREAM, REPORT)
 CHAT_DOORS = (CHAT, COMPLETIONS, OLLAMA_CHAT)
 
 
@@ -80,7 +83,15 @@ def body_cases(e: Endpoint) -> dict[str, Case]:
 
     def huge() -> bytes:
         return valid[:-1] + b', "padding": "' + b"x" * TEN_MB + b'"}'
-    return {
+    # Ollama reads any body as JSON whatever its Content-Type (litellm and `curl -d` send none):
+    # on its paths a JSON body without the header is accepted, and a form is refused as not JSON.
+    by_type = {"text/plain": Case(e, valid, 415, content_type="text/plain"),
+               "no content type": Case(e, valid, 415, content_type=None),
+               "a form": Case(e, b"model=m", 415, content_type="application/x-www-form-urlencoded")}
+    if e.shape == OLLAMA:
+        by_type = {"a form": Case(e, b"model=m", 400, content_type="application/x-www-form-urlencoded"),
+                   "not JSON, no content type": Case(e, b"model=m", 400, content_type=None)}
+    return by_type | {
         "not JSON": Case(e, b"{not json"),
         "trailing garbage": Case(e, valid + b" garbage"),
         "empty body": Case(e, b""),
@@ -91,9 +102,6 @@ def body_cases(e: Endpoint) -> dict[str, Case]:
         "a lone surrogate": Case(e, raw_with(e, b'"\\ud800"')),
         "NaN": Case(e, valid[:-1] + b', "options": {"temperature": NaN}}'),
         "deeply nested JSON": Case(e, nested),
-        "text/plain": Case(e, valid, 415, content_type="text/plain"),
-        "no content type": Case(e, valid, 415, content_type=None),
-        "a form": Case(e, b"model=m", 415, content_type="application/x-www-form-urlencoded"),
         "10 MB": Case(e, huge, 413),
         "10 MB chunked": Case(e, huge, 413, chunked=True),
     }
@@ -126,10 +134,38 @@ OPENAI_CASES = {
     "an image part": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
     "a part not an object": {"messages": [{"role": "user", "content": [5]}]},
 }
-OLLAMA_CASES = {"images": {"messages": [{**HELLO[0], "images": ["aGk="]}]}, "format": {"format": "json"}}
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,not base64!"}}
+OPENAI_CASES |= {
+    "tools not a list": {"tools": {"type": "function"}}, "a tool without a name": {"tools": [{"type": "function",
+                                                                                          "function": {}}]},
+    "tool_choice required": {"tool_choice": "required"}, "an image not base64": {"messages": [
+        {"role": "user", "content": [IMAGE_PART]}]},
+    "an image by URL": {"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                   "image_url": {"url": "https://x.test/a.png"}}]}]},
+    "a schema not an object": {"response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}},
+}
+OLLAMA_CASES = {
+    "images not base64": {"messages": [{**HELLO[0], "images": ["not base64!"]}]},
+    "images not a list": {"messages": [{**HELLO[0], "images": "aGk="}]},
+    "too many images": {"messages": [{**HELLO[0], "images": ["aGk="] * 17}]},
+    "format a number": {"format": 5}, "format a list": {"format": ["json"]},
+    "tools not a list": {"tools": "all"}, "a tool not a function": {"tools": [{"type": "retrieval"}]},
+    "a tool without a name": {"tools": [{"type": "function", "function": {"name": ""}}]},
+    "too many tools": {"tools": [{"type": "function", "function": {"name": "f"}}] * 257},
+    "think a word": {"think": "hard"}, "keep_alive forever": {"keep_alive": "forever"},
+    "tool call arguments a string": {"messages": [{"role": "assistant", "content": "",
+                                                   "tool_calls": [{"function": {"name": "f", "arguments": "x"}}]}]},
+}
+EMBED_CASES = {
+    "input a number": {"input": 5}, "input of numbers": {"input": [1, 2]}, "input empty": {"input": []},
+    "input with a null": {"input": ["a", None]}, "too many inputs": {"input": ["a"] * 513}, "no input": {"input": ...},
+    "no model": {"model": ...},
+}
 GENERATE_CASES = {
     "no model": {"model": ...}, "model not a string": {"model": 123}, "prompt a number": {"prompt": 5},
     "system a list": {"system": ["x"]}, "options a list": {"options": [1]}, "stream not a boolean": {"stream": "yes"},
+    "images not base64": {"images": ["%%%"]}, "suffix": {"suffix": "x"}, "raw": {"raw": True},
+    "a schema not an object": {"format": [1]},
 }
 STREAM_CASES = {
     "no id": {"id": ...}, "null id": {"id": None}, "id a number": {"id": 5}, "empty id": {"id": ""},
@@ -140,6 +176,15 @@ STREAM_CASES = {
     "stats a list": {"stats": [1], "done": True}, "negative eval_count": {"stats": {"eval_count": -1}, "done": True},
     "eval_count a string": {"stats": {"eval_count": "many"}, "done": True},
     "chunk and chunks": {"chunk": "x"}, "chunk a number": {"chunks": ..., "seq": ..., "chunk": 5},
+    "a chunk with an unknown key": {"chunks": [{"txt": "x"}]}, "a chunk's thinking a number": {"chunks": [{"thinking": 5}]},
+    "a tool call without a name": {"chunks": [{"tool_calls": [{"function": {}}]}]},
+    "an embedding of strings": {"chunks": [{"embedding": ["x"]}]},
+}
+REPORT_CASES = {
+    "models not a list": {"models": {"name": "x"}}, "a model without a name": {"models": [{"size": 1}]},
+    "a negative size": {"models": [{"name": "x", "size": -1}]}, "running not a list": {"running": "x"},
+    "show not an object": {"models": [{"name": "x", "show": []}]}, "version a number": {"version": 5},
+    "too many models": {"models": [{"name": "x"}] * 101},
 }
 
 
@@ -150,7 +195,7 @@ def table() -> dict[str, Case]:
     for e in CHAT_DOORS:
         cases |= {f"{e.path} {name}": case for name, case in chat_cases(e).items()}
     for e, named in ((COMPLETIONS, OPENAI_CASES), (OLLAMA_CHAT, OLLAMA_CASES), (GENERATE, GENERATE_CASES),
-                     (STREAM, STREAM_CASES)):
+                     (STREAM, STREAM_CASES), (EMBED, EMBED_CASES), (EMBEDDINGS, EMBED_CASES), (REPORT, REPORT_CASES)):
         cases |= {f"{e.path} {name}": Case(e, with_(e, **changes)) for name, changes in named.items()}
     stream = STREAM.path
     cases |= {

@@ -200,7 +200,9 @@ def test_history_shows_the_text_so_far_then_the_result(client, agent, agent_cred
     response = client.post("/api/v1/chat/stream", json=CHAT)
     request_id = response.headers["X-Request-Id"]
     queued = client.get(f"/api/v1/chat/{request_id}").get_json()
-    assert (queued["status"], queued["text"], queued["agent"], queued["model"]) == ("queued", "", None, MODEL)
+    # Stored by Ollama's full name: "m" and "m:latest" are one model.
+    assert (queued["status"], queued["text"], queued["agent"], queued["model"]) == ("queued", "", None,
+                                                                                      MODEL + ":latest")
     assert queued["timings"]["queued_at"] and queued["timings"]["assigned_at"] is None
     job = agent.poll()
     agent.post(job["id"], 0, ["Hello", " wor"])

@@ -45,7 +45,8 @@ def test_oversized_body_is_a_json_413(client, app, dbconn):
     assert dbconn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("method, path, status", [("GET", "/api/show", 404), ("GET", "/api/chat", 405)])
+@pytest.mark.parametrize("method, path, status", [("GET", "/api/nothing", 404), ("GET", "/api/show", 405),
+                                                    ("GET", "/api/chat", 405)])
 def test_routing_errors_on_ollama_paths_use_ollamas_error_shape(client, method, path, status):
     response = client.open(path, method=method)
     assert response.status_code == status

@@ -97,12 +97,30 @@ def assert_ollama_error(response, status: int) -> str:
 
 @pytest.mark.parametrize("path, payload, fragment", [
     ("/api/chat", {"model": "sim", "messages": "hi"}, "messages"),
-    ("/api/chat", {"model": "sim", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, "images"),
+    ("/api/chat", {"model": "sim", "messages": [{"role": "user", "content": "x", "images": ["not base64!"]}]},
+     "images"),
+    ("/api/chat", {"model": "sim", "messages": [{"role": "user", "content": "x", "images": "aGk="}]}, "images"),
     ("/api/chat", {"model": "sim", "messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
+    ("/api/chat", {"model": "sim", "messages": MESSAGES, "tools": "all"}, "tools"),
+    ("/api/chat", {"model": "sim", "messages": MESSAGES, "format": ["json"]}, "format"),
+    ("/api/chat", {"model": "sim", "messages": MESSAGES, "think": "hard"}, "think"),
+    ("/api/chat", {"model": "sim", "messages": MESSAGES, "keep_alive": "forever"}, "keep_alive"),
+    ("/api/chat", {"model": "sim", "messages": [{"role": "assistant", "content": "",
+                                                 "tool_calls": [{"function": {"name": "f", "arguments": "x"}}]}]},
+     "tool_calls"),
+    ("/api/embed", {"model": "sim", "input": 5}, "input"),
+    ("/api/embed", {"model": "sim", "input": ["a", 5]}, "input"),
+    ("/api/embed", {"model": "sim", "input": []}, "input"),
+    ("/api/embed", {"model": "sim", "input": ["a"] * 513}, "input"),
+    ("/api/embed", {"model": "sim", "input": "a", "truncate": "yes"}, "truncate"),
+    ("/api/embeddings", {"model": "sim", "prompt": ["a"]}, "prompt"),
+    ("/api/generate", {"model": "sim", "prompt": "x", "suffix": "y"}, "suffix"),
+    ("/api/generate", {"model": "sim", "prompt": "x", "raw": True}, "raw"),
     ("/api/chat", {"model": "sim", "messages": MESSAGES, "options": [1]}, "options"),
     ("/api/chat", {"model": "sim", "messages": MESSAGES, "stream": "no"}, "stream"),
     ("/api/chat", {"messages": MESSAGES}, "model"),
-    ("/api/generate", {"model": "sim", "prompt": "x", "format": "json"}, "format"),
+    ("/api/generate", {"model": "sim", "prompt": "x", "format": 5}, "format"),
+    ("/api/generate", {"model": "sim", "prompt": "x", "images": ["%%%"]}, "images"),
 ])
 def test_bad_requests_are_ollama_400s(client, served, dbconn, path, payload, fragment):
     assert fragment in assert_ollama_error(client.post(path, json=payload), 400)

@@ -66,9 +66,9 @@ def test_a_stream_without_include_usage_has_no_usage(oai):
 
 
 def test_models_lists_what_online_agents_serve(oai):
-    ids = [model.id for model in oai.models.list()]
-    assert "sim" in ids
-    assert oai.models.retrieve("sim").id == "sim"
+    # One name per model, Ollama's full one: "sim" and "sim:latest" are the same model.
+    assert [model.id for model in oai.models.list()] == ["sim:latest"]
+    assert oai.models.retrieve("sim").id == oai.models.retrieve("sim:latest").id == "sim:latest"
 
 
 def test_an_unknown_model_is_an_openai_404(oai):
@@ -143,10 +143,19 @@ def assert_openai_error(response, status: int, param: str | None = None) -> dict
 
 @pytest.mark.parametrize("payload, param", [
     ({"n": 2}, "n"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0]"),
+    ({"tools": {"type": "function"}}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"reasoning_effort": "maximal"}, "reasoning_effort"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]},
+     "messages[0].content[0]"),
+    ({"messages": [{"role": "assistant", "content": None,
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},
+     "messages[0].tool_calls"),
     ({"logprobs": True}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"temperature": 3}, "temperature"),
     ({"top_p": "high"}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
@@ -154,7 +163,7 @@ def assert_openai_error(response, status: int, param: str | None = None) -> dict
     ({"seed": 1.5}, "seed"),
     ({"stream": "yes"}, "stream"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}]}]},
      "messages[0].content[0]"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": []}, "messages"),
@@ -169,7 +178,7 @@ def test_bad_parameters_are_openai_400s_naming_the_parameter(client, served, dbc
 def test_malformed_json_and_unknown_routes_keep_the_openai_shape(client):
     response = client.post("/v1/chat/completions", data=b"{nope", headers={"Content-Type": "application/json"})
     assert_openai_error(response, 400)
-    assert_openai_error(client.post("/v1/embeddings", json={}), 404)
+    assert_openai_error(client.post("/v1/completions", json={}), 404)
     assert_openai_error(client.get("/v1/models/ghost"), 404, "model")
 
 

@@ -112,7 +112,7 @@ def test_status_lists_online_agents_without_secrets(client, dbconn):
     assert listed[0] | {"last_seen": None} == {
         "id": creds.id, "name": "gpu-1", "last_seen": None, "models": ["llama3:8b", "sim"], "slots": 4,
         "jobs_done": 0, "tokens_streamed": 0, "tokens_per_second": 0.0,
-        "current_tokens_per_second": 0.0}
+        "current_tokens_per_second": 0.0, "kinds": ["chat"]}
     assert creds.secret not in status.get_data(as_text=True)
     assert "secret" not in status.get_data(as_text=True)
 
@@ -218,12 +218,12 @@ def test_agent_names_come_back_as_json_data_not_markup(client, dbconn):
 
     assert status.mimetype == models.mimetype == "application/json"
     assert status.get_json()["agents"][0]["name"] == name
-    assert models.get_json()["models"][0]["name"] == "<img src=x onerror=alert(2)>"
+    assert models.get_json()["models"][0]["name"] == "<img src=x onerror=alert(2)>:latest"
     assert "alert(1)" not in client.get("/status").get_data(as_text=True)
 
 
-def test_models_lists_what_online_agents_serve(client, dbconn):
-    online_agent(dbconn, "gpu-1", ["llama3:8b", "sim"], slots=4)
+def test_models_lists_what_online_agents_serve_once_each_by_full_name(client, dbconn):
+    online_agent(dbconn, "gpu-1", ["llama3:8b", "sim", "sim:latest"], slots=4)
     online_agent(dbconn, "gpu-2", ["sim"], slots=1)
     online_agent(dbconn, "asleep", ["mistral"], seen=time.time() - 3600)
 
@@ -232,7 +232,7 @@ def test_models_lists_what_online_agents_serve(client, dbconn):
     assert response.status_code == 200
     assert response.get_json() == {"models": [
         {"name": "llama3:8b", "agents": 1, "slots": 4},
-        {"name": "sim", "agents": 2, "slots": 5},
+        {"name": "sim:latest", "agents": 2, "slots": 5},
     ]}
 
 
