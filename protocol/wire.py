@@ -5,3 +5,5 @@ from __future__ import annotations
 POLL_PATH = "/api/v1/inference/poll"
 # POST: a batch of one job's chunks, a heartbeat, or its end.
 STREAM_PATH = "/api/v1/inference/stream"
+# POST, no body: the agent is leaving (a warm stop): it takes no more jobs and is not offered as online.
+LEAVE_PATH = "/api/v1/inference/leave"

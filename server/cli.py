@@ -49,18 +49,17 @@ def cmd_agents_add(args: argparse.Namespace) -> int:
 
 
 def cmd_agents_list(args: argparse.Namespace) -> int:
+    window = load_config()["AGENT_ONLINE_SECONDS"]
     with migrated(_db_path(args)) as conn:
-        rows = agents.list_agents(conn)
+        rows = agents.list_agents(conn, time.time(), window)
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'ID':22} {'NAME':16} {'LAST SEEN':20} {'JOBS':>6} {'TOKENS':>8}  MODELS")
+    print(f"{'ID':22} {'NAME':16} {'STATE':8} {'LAST SEEN':19} {'JOBS':>6} {'TOKENS':>8}  MODELS")
     for a in rows:
         seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["last_seen"])) if a["last_seen"] else "never"
-        if a["removed_at"]:
-            seen = "removed"
-        print(f"{a['id']:22} {a['name'][:16]:16} {seen:20} {a['jobs_done']:>6} {a['tokens_streamed']:>8}  "
-              + ",".join(a["models"]))
+        print(f"{a['id']:22} {a['name'][:16]:16} {a['state']:8} {seen:19} {a['jobs_done']:>6} "
+              f"{a['tokens_streamed']:>8}  " + ",".join(a["models"]))
     return 0
 
 

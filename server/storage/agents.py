@@ -6,8 +6,10 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
+from ..config import DEFAULTS
 from ..errors import Unauthorized
 from .base import Connection
 
@@ -39,39 +41,85 @@ def secret_for(conn: Connection, agent_id: str) -> str | None:
     return row[0] if row else None
 
 
-def touch(conn: Connection, agent_id: str, now: float, models: list[str] | None = None,
-          slots: int | None = None) -> list[str] | None:
-    """Record that the agent was seen, and what it declared; returns its models (None: serves any).
+class AgentLeft(Exception):
+    """The agent said it was leaving after this poll began: the poll must end without a job."""
 
-    One statement: a poll that omits ``models`` gets the remembered list back
-    from it.  Raises Unauthorized if the agent was removed meanwhile (a parked poll).
+
+def touch(conn: Connection, agent_id: str, now: float, models: list[str] | None = None,
+          slots: int | None = None, poll_started: float | None = None) -> list[str] | None:
+    """Record a poll: the agent was seen, what it declared, and that it serves (again, if it had left).
+
+    Returns its models (None: serves any). One statement: a poll that omits
+    ``models`` gets the remembered list back from it.  Raises Unauthorized if
+    the agent was removed meanwhile, and AgentLeft if it said it was leaving
+    after ``poll_started`` (a long poll still parked from before its goodbye).
     """
-    active = "WHERE id = ? AND removed_at IS NULL RETURNING models"
+    started = now if poll_started is None else poll_started
+    # A goodbye newer than this poll stays; an older one is undone: the agent polls, so it serves again.
+    left = "left_at = CASE WHEN left_at >= ? THEN left_at ELSE NULL END"
+    active = "WHERE id = ? AND removed_at IS NULL RETURNING models, left_at"
     if models is None:
-        row = conn.execute(f"UPDATE agents SET last_seen = ?, slots = coalesce(?, slots) {active}",
-                         (now, slots, agent_id)).fetchone()
+        row = conn.execute(f"UPDATE agents SET last_seen = ?, slots = coalesce(?, slots), {left} {active}",
+                           (now, slots, started, agent_id)).fetchone()
     else:
-        row = conn.execute(f"UPDATE agents SET last_seen = ?, models = ?, slots = coalesce(?, slots) {active}",
-                         (now, json.dumps(models), slots, agent_id)).fetchone()
+        row = conn.execute(f"UPDATE agents SET last_seen = ?, models = ?, slots = coalesce(?, slots), {left}"
+                           f" {active}", (now, json.dumps(models), slots, started, agent_id)).fetchone()
     if row is None:
         raise Unauthorized("this agent was removed", code="bad_signature")
+    if row[1] is not None:
+        raise AgentLeft(agent_id)
     return json.loads(row[0]) or None
 
 
+def leave(conn: Connection, agent_id: str, now: float) -> None:
+    """Record the agent's goodbye: it takes no more jobs, and is not online from now on (its running jobs
+    may still post). Its next poll undoes this."""
+    conn.execute("UPDATE agents SET last_seen = ?, left_at = ? WHERE id = ? AND removed_at IS NULL",
+                 (now, now, agent_id))
+
+
+# The one definition of "online", in SQL: not removed, not gone (SIGTERM), seen within the window.
+ONLINE_SQL = "removed_at IS NULL AND left_at IS NULL AND last_seen >= ?"
+_COLUMNS = "id, name, last_seen, models, slots, jobs_done, tokens_streamed, created_at, removed_at, left_at"
+
+
+class AgentState(StrEnum):
+    """What operators see: serving, stopped cleanly, silent past the online window, or revoked."""
+
+    ONLINE = "online"
+    LEFT = "left"
+    OFFLINE = "offline"
+    REMOVED = "removed"
+
+
 def online(conn: Connection, now: float, window: float) -> list[dict[str, Any]]:
-    """Active agents seen within ``window`` seconds, without their secrets."""
+    """Agents that serve now (polled or posted within ``window`` seconds, not gone), without their secrets."""
     rows = conn.execute(
         "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed FROM agents"
-        " WHERE removed_at IS NULL AND last_seen >= ? ORDER BY name", (now - window,)).fetchall()
+        f" WHERE {ONLINE_SQL} ORDER BY name", (now - window,)).fetchall()
     return [_public(r) for r in rows]
 
 
-def list_agents(conn: Connection) -> list[dict[str, Any]]:
-    """Every registered agent (removed ones too), without secrets."""
-    rows = conn.execute(
-        "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed, created_at, removed_at"
-        " FROM agents ORDER BY created_at").fetchall()
-    return [_public(r[:7]) | {"created_at": r[7], "removed_at": r[8]} for r in rows]
+def list_agents(conn: Connection, now: float | None = None, window: float | None = None) -> list[dict[str, Any]]:
+    """Every registered agent (removed ones too) with its ``state`` (online within ``window`` seconds of
+    ``now``, by default the server's ``AGENT_ONLINE_SECONDS`` before the present), without secrets."""
+    now = time.time() if now is None else now
+    window = DEFAULTS["AGENT_ONLINE_SECONDS"] if window is None else window
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM agents ORDER BY created_at, id").fetchall()
+    return [_described(r, now, window) for r in rows]
+
+
+def _described(row: tuple, now: float, window: float) -> dict[str, Any]:
+    agent = _public(row[:7]) | {"created_at": row[7], "removed_at": row[8], "left_at": row[9]}
+    if agent["removed_at"] is not None:
+        state = AgentState.REMOVED
+    elif agent["left_at"] is not None:
+        state = AgentState.LEFT
+    elif agent["last_seen"] is not None and agent["last_seen"] >= now - window:
+        state = AgentState.ONLINE
+    else:
+        state = AgentState.OFFLINE
+    return agent | {"state": state.value, "online": state is AgentState.ONLINE}
 
 
 def name_of(conn: Connection, agent_id: str) -> str | None:
@@ -110,15 +158,7 @@ def token_rates(conn: Connection, now: float, window: float = RATE_WINDOW_SECOND
 
 
 def overview(conn: Connection, now: float, online_window: float) -> list[dict[str, Any]]:
-    """Every active agent for operators: presence, declared models and slots, work done, recent rate."""
+    """Every agent for operators, removed ones too: state, declared models and slots, work done, recent rate."""
     rates = token_rates(conn, now)
-    rows = conn.execute(
-        "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed FROM agents"
-        " WHERE removed_at IS NULL ORDER BY name, id").fetchall()
-    listed = []
-    for row in rows:
-        agent = _public(row)
-        agent["online"] = agent["last_seen"] is not None and agent["last_seen"] >= now - online_window
-        agent["tokens_per_second"] = rates.get(agent["id"], 0.0)
-        listed.append(agent)
-    return listed
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM agents ORDER BY name, id").fetchall()
+    return [_described(row, now, online_window) | {"tokens_per_second": rates.get(row[0], 0.0)} for row in rows]

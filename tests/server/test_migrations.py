@@ -65,7 +65,7 @@ def test_a_database_from_before_the_job_rename_keeps_its_rows(store):
         conn.execute("INSERT INTO migrations VALUES (?, 0)", (first.name,))
         conn.execute("INSERT INTO requests (id, model, messages, created_at) VALUES ('r1', 'm', '[]', 1)")
         conn.execute("INSERT INTO chunks (request_id, seq, text, created_at) VALUES ('r1', 0, 'hi', 1)")
-    assert migrate(store) == ["0002_jobs.sql"]
+    assert migrate(store)[0] == "0002_jobs.sql"
     with store.connection() as conn:
         assert conn.execute("SELECT id, model FROM jobs").fetchall() == [("r1", "m")]
         assert conn.execute("SELECT job_id, text FROM chunks").fetchall() == [("r1", "hi")]
@@ -95,6 +95,16 @@ def test_cli_migrate_refuses_newer_database_with_a_clear_line(store):
     assert "Traceback" not in result.stderr
 
 
-def test_shipped_migrations_are_numbered_without_gaps(store):
-    numbers = [m.number for m in available(store.migrations_dir)]
-    assert numbers == list(range(1, len(numbers) + 1))
+def test_shipped_migrations_have_the_same_unique_numbers_on_both_engines(store):
+    from server.storage.base import MIGRATIONS_ROOT
+
+    numbers = {engine: [m.number for m in available(MIGRATIONS_ROOT / engine)] for engine in ("sqlite", "postgres")}
+    assert numbers["sqlite"] == numbers["postgres"]
+    assert numbers["sqlite"] == sorted(set(numbers["sqlite"])) and numbers["sqlite"][0] == 1
+
+
+def test_two_migrations_with_one_number_are_refused(tmp_path):
+    (tmp_path / "0001_a.sql").write_text("SELECT 1;\n")
+    (tmp_path / "0001_b.sql").write_text("SELECT 1;\n")
+    with pytest.raises(MigrationError, match="unique"):
+        available(tmp_path)
