@@ -114,6 +114,8 @@ def test_timestamp_must_be_within_the_skew_of_the_server_clock(client, agent_cre
     assert response.status_code == status
     if status == 401:
         assert error_code(response) == "stale_timestamp"
+        assert "more than 60 s" in response.get_json()["error"]["message"]
+        assert "ORCH_SIGNATURE_SKEW" in response.get_json()["error"]["message"]
 
 
 @pytest.mark.parametrize("app_config", [{"SIGNATURE_SKEW": 5}])
