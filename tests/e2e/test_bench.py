@@ -12,11 +12,13 @@ import sys
 import pytest
 
 from bench.client import Token, Trace, stream_ollama
-from bench.configs import CONFIGURATIONS
+from bench.configs import CONFIGURATIONS, networks, variant
 from bench.logs import AccessLog
 from bench.metrics import SUMMARY_FIELDS, ChatResult, measure_chat
 from bench.processes import launch_proxy
 from bench.report import COST_COLUMNS, LATENCY_COLUMNS
+from bench.runner import BenchRun, RunOptions
+from bench.workload import PROFILES
 from devtools.processes import ROOT
 from sim.tokens import expected_text
 
@@ -126,3 +128,39 @@ def test_the_delay_proxy_relays_kept_alive_requests_and_streams_intact(tmp_path,
         assert "".join(t.text for t in trace.tokens) == expected_text(0, 30, "sim", "through the proxy")
     finally:
         proxy.stop()
+
+
+# --- arrival phase and help -------------------------------------------------------
+
+def test_the_poll_cycle_each_configuration_waits_out_on_average_half_of():
+    cycles = {name: config.poll_cycle for name, config in CONFIGURATIONS.items()}
+    assert cycles == {"direct": 0.0, "before": 1.5, "after": 0.1, "after+longpoll": 0.0, "adaptive": 0.0}
+    assert variant("slow=after:POLL_INTERVAL=0.5").poll_cycle == 0.5
+    assert variant("held=after:LONG_POLL=10").poll_cycle == 0.0
+
+
+def test_chats_are_sent_at_a_random_reproducible_point_of_the_poll_cycle(tmp_path, monkeypatch):
+    def delays(seed: int) -> list[float]:
+        slept: list[float] = []
+        monkeypatch.setattr("bench.runner.time.sleep", slept.append)
+        run = BenchRun(RunOptions(PROFILES["quick"], list(CONFIGURATIONS.values()), networks(["loopback"], 40),
+                                  seed=seed), tmp_path)
+        for cell in run.cells * 50:
+            run._random_phase(cell)
+        return slept
+
+    first = delays(7)
+    assert len(first) == 100                          # 50 rounds of before and after; none for the others
+    before, after = first[0::2], first[1::2]
+    assert all(0 <= d < 1.5 for d in before) and all(0 <= d < 0.1 for d in after)
+    assert max(after) - min(after) > 0.05             # spread over the cycle, not one fixed point
+    assert delays(7) == first and delays(8) != first  # the seed decides
+
+
+def test_help_speaks_plainly():
+    help_text = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=60).stdout
+    for word in ("retrofit", "diagnosis", "design card", "the card"):
+        assert word not in help_text.lower(), word
+    for name, config in CONFIGURATIONS.items():
+        assert name in help_text and config.help.split()[0] in help_text
