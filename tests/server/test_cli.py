@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from devtools.processes import ROOT
+from devtools.processes import ROOT, free_port
 from server import cli
 from server.storage import migrated
 from server.storage.base import MIGRATIONS_ROOT
@@ -154,3 +154,22 @@ def test_serve_keeps_orch_bind_unless_host_or_port_are_given(tmp_path, monkeypat
     with pytest.raises(Exec) as started:
         cli.main(["serve", "--db", str(tmp_path / "s.db"), *argv])
     assert started.value.args[0]["ORCH_BIND"] == bind
+
+
+# --- PostgreSQL -------------------------------------------------------------------
+
+def test_agents_add_and_list_work_on_postgresql(pg_cluster):
+    url = pg_cluster.create_database()
+    creds = json.loads(orchestrator("agents", "add", "gpu-1", "--json", "--db", url).stdout)
+    listed = json.loads(orchestrator("agents", "list", "--json", "--db", url).stdout)
+    assert [(a["id"], a["state"]) for a in listed] == [(creds["id"], "offline")]
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["agents", "list"], ["agents", "add", "gpu-1"]])
+def test_an_unreachable_postgresql_is_one_line_with_host_port_and_reason(command):
+    port = free_port()     # nothing listens there
+    result = orchestrator(*command, "--db", f"postgresql://nobody@127.0.0.1:{port}/orchestrator")
+    assert result.returncode == 2 and result.stdout == ""
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("orchestrator: PostgreSQL: ")
+    assert "127.0.0.1" in line and str(port) in line and "refused" in line.lower()
