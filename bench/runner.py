@@ -7,8 +7,8 @@ own. The simulator is shared. Sequential chats go round-robin over the cells
 concurrent batch, served by agents started for it.
 
 Every chat (and every concurrent batch) to a short-polling cell is sent after
-a random part of its agent's poll cycle, so it arrives at a random point of
-that cycle. Without it the arrivals were phase-locked: an agent polls again
+a random part of its agent's poll cycle (the poll interval plus the network's
+round trip), so it arrives at a random point of that cycle. Without it the arrivals were phase-locked: an agent polls again
 the moment its job ends, and the cell's next chat came a nearly fixed time
 later (the other cells' chats take nearly fixed times), so with the 100 ms poll
 every pickup measured 77-95 ms instead of anything from 0 to 100 ms.
@@ -226,9 +226,13 @@ class BenchRun:
         return stream_chat(cell.server.url, payload)
 
     def _random_phase(self, cell: Cell) -> None:
-        """Wait a uniformly random part of the cell's poll cycle (see the module's docstring)."""
+        """Wait a uniformly random part of the cell's poll cycle (see the module's docstring).
+
+        The cycle is the poll interval plus the poll's round trip: 100 ms polls on the 40 ms WAN reach the
+        server every ~140 ms, and a delay over only 100 ms of that would leave a third of the cycle unsampled.
+        """
         if cell.config.poll_cycle:
-            time.sleep(self._phases.uniform(0, cell.config.poll_cycle))
+            time.sleep(self._phases.uniform(0, cell.config.poll_cycle + cell.network.rtt_ms / 1000))
 
     def _sequential_chat(self, cell: Cell, round_no: int) -> tuple[ChatResult, Window | None]:
         tag = f"{cell.key}#{round_no}"

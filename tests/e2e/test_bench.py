@@ -140,10 +140,10 @@ def test_the_poll_cycle_each_configuration_waits_out_on_average_half_of():
 
 
 def test_chats_are_sent_at_a_random_reproducible_point_of_the_poll_cycle(tmp_path, monkeypatch):
-    def delays(seed: int) -> list[float]:
+    def delays(seed: int, network: str = "loopback") -> list[float]:
         slept: list[float] = []
         monkeypatch.setattr("bench.runner.time.sleep", slept.append)
-        run = BenchRun(RunOptions(PROFILES["quick"], list(CONFIGURATIONS.values()), networks(["loopback"], 40),
+        run = BenchRun(RunOptions(PROFILES["quick"], list(CONFIGURATIONS.values()), networks([network], 40),
                                   seed=seed), tmp_path)
         for cell in run.cells * 50:
             run._random_phase(cell)
@@ -155,6 +155,8 @@ def test_chats_are_sent_at_a_random_reproducible_point_of_the_poll_cycle(tmp_pat
     assert all(0 <= d < 1.5 for d in before) and all(0 <= d < 0.1 for d in after)
     assert max(after) - min(after) > 0.05             # spread over the cycle, not one fixed point
     assert delays(7) == first and delays(8) != first  # the seed decides
+    # On the WAN a poll cycle is the interval plus the 40 ms round trip.
+    assert all(0 <= d < 0.14 for d in delays(7, "wan")[1::2]) and max(delays(7, "wan")[1::2]) > 0.1
 
 
 def test_help_speaks_plainly():
