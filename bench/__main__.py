@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "at a random point of the agent's poll cycle (default: a new one each run, recorded in the JSON)")
     add("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON, Markdown and PNG "
         "(default: bench/results)")
+    add("--engine", choices=("sqlite", "postgres"), default="sqlite",
+        help="the servers' database: a SQLite file each, or a database each on a throwaway PostgreSQL, whose CPU "
+        "counts as the server's (default: %(default)s)")
     add("--keep", action="store_true", help="keep the work directory (databases, process logs) even on success")
     args = parser.parse_args(argv)
     if args.requests < 1:
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     options = RunOptions(PROFILES[args.profile], [CONFIGURATIONS[n] for n in args.configs] + args.variant,
-                         networks(args.network, args.rtt), args.requests, *args.concurrent, seed=seed)
+                         networks(args.network, args.rtt), args.requests, *args.concurrent, engine=args.engine,
+                         seed=seed)
     meta = _meta(args, sys.argv[1:] if argv is None else argv) | {"seed": seed}
     workdir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
     started = time.monotonic()
@@ -138,7 +142,8 @@ def _meta(args: argparse.Namespace, argv: list[str]) -> dict:
     chats, agents = args.concurrent
     return {"date": now_iso(), "machine": machine(), "revision": git_revision(),
             "command": shlex.join(["python", "-m", "bench", *argv]), "profile": vars(PROFILES[args.profile]),
-            "rtt_ms": args.rtt, "requests": args.requests, "concurrent": {"chats": chats, "agents": agents},
+            "rtt_ms": args.rtt, "requests": args.requests, "engine": args.engine,
+            "concurrent": {"chats": chats, "agents": agents},
             "load_average_before": _load()}
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench import scaling
 from bench.client import Trace, stream_chat
 from bench.logs import EmissionLog
 from bench.metrics import ChatResult, measure_chat, percentile
@@ -389,7 +390,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an agent setting for the serving agents, e.g. BATCH_MODE=fixed; repeatable")
     add("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON (default: bench/results)")
     add("--keep", action="store_true", help="keep the work directory (databases, logs) even on success")
-    return parser.parse_args(argv)
+    add("--scenario", choices=("idle", "scaling", "all"), default="all",
+        help="idle: the parked fleet and streaming chats above; scaling: bench/scaling.py's table (engines, "
+        "workers, hosts); all: both (default: %(default)s)")
+    scaling.add_arguments(parser.add_argument_group("scaling (python -m bench.scaling)"))
+    args = parser.parse_args(argv)
+    if args.engine or args.workers or args.hosts:
+        args.scenario = "scaling"          # naming a setup asks for the scaling table
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,6 +412,27 @@ def main(argv: list[str] | None = None) -> int:
         idle_fleet(options.url, options.creds, options.wait, options.spread)
         return 0
     args = parse_args(argv)
+    status = run_idle(args) if args.scenario in ("idle", "all") else 0
+    if args.scenario in ("scaling", "all"):
+        status = max(status, run_scaling(args))
+    return status
+
+
+def run_scaling(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-scaling-"))
+    results = scaling.run(args, workdir)
+    print(scaling.markdown(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=1))
+    bad = any(r["lost"] or r["duplicated"] for rows in results.values() for r in rows)
+    print(f"bench.load: wrote {out}" + ("; FAILED: tokens lost or duplicated" if bad else ""), file=sys.stderr)
+    if not bad:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if bad else 0
+
+
+def run_idle(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-load-"))
     try:
         figures = run(args, workdir)

@@ -56,9 +56,10 @@ def access_log_path(workdir: Path, name: str) -> Path:
     return workdir / f"access-{name}.log"
 
 
-def launch_server(workdir: Path, name: str, env: Mapping[str, str]) -> LiveServer:
-    """A server on its own fresh database, writing the access log; `wait_ready()` waits for it."""
-    return LiveServer(workdir / f"{name}.db", workdir / f"server-{name}.log",
+def launch_server(workdir: Path, name: str, env: Mapping[str, str], database: str | None = None) -> LiveServer:
+    """A server on its own fresh database (a SQLite file unless ``database`` names one), writing the access log;
+    `wait_ready()` waits for it."""
+    return LiveServer(database or workdir / f"{name}.db", workdir / f"server-{name}.log",
                       {"ORCH_LOG_LEVEL": "WARNING", "ORCH_ACCESS_LOG": str(access_log_path(workdir, name)),
                        "GUNICORN_CMD_ARGS": ACCESS_LOG_FORMAT, **env}, name=f"server {name}").launch()
 

@@ -30,6 +30,7 @@ from bench.logs import AccessLog, EmissionLog
 from bench.metrics import ChatResult, Window, measure_chat
 from bench.processes import access_log_path, cpu_seconds, launch_bench_agent, launch_proxy, launch_server
 from bench.workload import Profile
+from devtools.postgres import Cluster
 from devtools.processes import AgentProcess, LiveServer, Process, Simulator, start_simulator, wait_online
 
 # After a chat's last byte, wait this long (plus the round trip) before the closing CPU and request samples,
@@ -45,7 +46,8 @@ class RunOptions:
     requests: int = 10
     concurrent_chats: int = 20
     concurrent_agents: int = 4
-    seed: int = 0               # of the arrival phases: the same seed sends every chat after the same delay
+    engine: str = "sqlite"        # or postgres: a throwaway cluster, one database per cell
+    seed: int = 0                 # of the arrival phases: the same seed sends every chat after the same delay
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Cell:
     proxy: Process | None = None  # the emulated WAN; on loopback agents talk to the server itself
     api_base: str = ""  # where the agents send their requests
     agents: list[AgentProcess] = field(default_factory=list)
+    database_pid: int | None = None  # PostgreSQL's postmaster: its CPU is the server's too
 
     @property
     def key(self) -> str:
@@ -69,10 +72,11 @@ class Cell:
         return "any" if self.config.direct else self.network.name
 
     def cpu(self) -> tuple[float, float]:
-        """CPU seconds so far of the server (arbiter and worker) and of the agents."""
+        """CPU seconds so far of the server (arbiter and worker, and PostgreSQL's processes) and of the agents."""
         if self.server is None:
             return 0.0, 0.0
-        return cpu_seconds([self.server.pid]), cpu_seconds([a.pid for a in self.agents])
+        server = [self.server.pid] + ([self.database_pid] if self.database_pid else [])
+        return cpu_seconds(server), cpu_seconds([a.pid for a in self.agents])
 
     def processes(self) -> list[Process]:
         return [*self.agents, *([self.proxy] if self.proxy else []), *([self.server] if self.server else [])]
@@ -121,6 +125,7 @@ class BenchRun:
         self.simulator: Simulator | None = None
         self.simulator_url = ""
         self.emissions = EmissionLog(workdir / "emissions.jsonl")
+        self.cluster: Cluster | None = None
         self.cells = [Cell(c, options.networks[0]) for c in options.configs if c.direct]
         self.cells += [Cell(c, n) for n in options.networks for c in options.configs if not c.direct]
         self._agent_count = 0
@@ -137,8 +142,12 @@ class BenchRun:
         self.simulator = start_simulator(self.workdir, "--models", "sim", emit_log=self.emissions.path)
         self.simulator_url = self.simulator.url
         served = [cell for cell in self.cells if not cell.config.direct]
+        if self.options.engine == "postgres":
+            self.cluster = Cluster.create()
         for cell in served:
-            cell.server = launch_server(self.workdir, _file_name(cell.key), cell.config.server_env)
+            database = self.cluster.create_database() if self.cluster else None
+            cell.server = launch_server(self.workdir, _file_name(cell.key), cell.config.server_env, database)
+            cell.database_pid = self.cluster.pid if self.cluster else None
             cell.access = AccessLog(access_log_path(self.workdir, _file_name(cell.key)))
         for cell in served:
             cell.server.wait_ready()
@@ -190,6 +199,8 @@ class BenchRun:
                 process.stop()
         if self.simulator is not None:
             self.simulator.stop()
+        if self.cluster is not None:
+            self.cluster.destroy()
 
     # --- agents ----------------------------------------------------------
 

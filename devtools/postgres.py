@@ -84,6 +84,11 @@ class Cluster:
         self.stop("immediate")
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id (its children are the backends: count them for CPU time)."""
+        return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@/{dbname}?host={self.socket_dir}"
 

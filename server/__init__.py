@@ -25,6 +25,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     logging.getLogger("server").setLevel(settings["LOG_LEVEL"])
 
     store = storage.open_storage(settings["DATABASE"], Notifier(), settings["POOL_SIZE"])
+    store.check()
     if settings["MIGRATE_ON_START"]:
         migrations.migrate(store)
     elif migrations.pending(store):

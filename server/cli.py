@@ -47,25 +47,10 @@ def _existing_database(args: argparse.Namespace) -> str:
     """
     url, source = _database(args)
     if url.startswith(POSTGRES_SCHEMES) or url == ":memory:" or Path(url).exists():
-        return _reachable(url)
+        return url
     origin = f"from {source}" if Path(url).is_absolute() else f"{source} {url}, relative to this directory"
     raise CliError(f"no database at {Path(url).resolve()} ({origin}); create it with: orchestrator migrate "
                    f"--db {url}, or name an existing one with --db or {ENV_PREFIX}DATABASE")
-
-
-def _reachable(url: str) -> str:
-    """``url``, once a PostgreSQL server there has accepted one connection (StorageError saying where and why).
-
-    Asked before the pool: the pool retries in the background and logs every failed attempt, so an unreachable
-    server printed a dozen warnings before its one line.
-    """
-    if url.startswith(POSTGRES_SCHEMES):
-        store = open_storage(url)
-        try:
-            store.check()
-        finally:
-            store.close()
-    return url
 
 
 def _created(url: str) -> bool:
@@ -81,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         env[ENV_PREFIX + "BIND"] = f"{args.host or host}:{args.port or port}"
     # Fail here, with one clear line, not inside a worker.
     check_workers(load_config(environ=env))
-    with migrated(_reachable(url)):
+    with migrated(url):
         pass
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:server.gunicorn_conf", "server.wsgi:app"]
     os.execve(sys.executable, argv, env)
@@ -95,8 +80,9 @@ def _bind_parts(bind: str) -> tuple[str, str]:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     url, _ = _database(args)
-    store = open_storage(_reachable(url))
+    store = open_storage(url)
     try:
+        store.check()       # one line saying where and why, before a pool retries in the background
         applied = migrations.migrate(store)
     finally:
         store.close()
@@ -108,7 +94,7 @@ def cmd_agents_add(args: argparse.Namespace) -> int:
     url, _ = _database(args)
     if _created(url):
         print(f"orchestrator: creating a new database at {url}", file=sys.stderr)
-    with migrated(_reachable(url)) as conn:
+    with migrated(url) as conn:
         creds = agents.add_agent(conn, args.name)
     if args.json:
         print(json.dumps({"id": creds.id, "secret": creds.secret}))
@@ -186,8 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CliError, migrations.MigrationError, StorageError, ConfigError) as exc:
-        # One line: libpq's messages add a hint on a line of their own.
-        print("orchestrator: " + " ".join(str(exc).split()), file=sys.stderr)
+        print(f"orchestrator: {exc}", file=sys.stderr)
         return 2
 
 

@@ -81,6 +81,8 @@ def render(exc: ApiError):
     response.status_code = exc.status
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    elif exc.status == 503:
+        response.headers["Retry-After"] = "1"
     return response
 
 

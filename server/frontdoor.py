@@ -23,7 +23,7 @@ from flask import current_app, request
 from . import body, streaming
 from .disconnect import DisconnectGuard
 from .errors import BadRequest, NotFound
-from .storage import Connection, agents, get_db, jobs
+from .storage import Connection, agents, close_db, get_db, jobs
 
 ROLES = ("system", "user", "assistant", "tool")
 # HTTP statuses for a job that failed before a whole answer could be returned.
@@ -87,6 +87,9 @@ def start(model: str, messages: list[dict[str, str]], options: dict[str, Any], f
 
 def guarded_events(job_id: str, after_seq: int = -1, *, status_events: bool = False) -> DisconnectGuard:
     """The job's events, cancelling it if the client leaves first (call inside the request)."""
+    # The intake's connection goes back first: the guard borrows its own, and a view holding one while
+    # borrowing another would deadlock a bounded pool (PostgreSQL's) under load.
+    close_db()
     app = current_app._get_current_object()
     return DisconnectGuard(app, job_id, streaming.follow(app, job_id, after_seq, status_events=status_events),
                            client_socket=request.environ.get("gunicorn.socket"))

@@ -203,8 +203,9 @@ def metrics_page() -> Response:
 def healthz() -> dict[str, Any]:
     """200 when the database answers and its schema is current; 503 otherwise."""
     try:
-        get_db().execute("SELECT 1").fetchone()
-        waiting = migrations.pending(get_storage())
+        conn = get_db()
+        conn.execute("SELECT 1").fetchone()
+        waiting = migrations.pending(get_storage(), conn=conn)
     except (StorageError, OSError) as exc:
         raise ApiError(f"the database is unreachable: {exc}", code="database_unreachable", status=503) from None
     except migrations.MigrationError as exc:

@@ -15,6 +15,10 @@ from server import create_app
 from server.storage import get_storage
 from server.storage.agents import AgentCredentials
 
+# The browser tests' fixtures (browser, page, new_page, start_network) live in their own module.
+pytest_plugins = ["tests.e2e.browser_harness"]
+
+
 # --- storage engines ------------------------------------------------------
 
 def pytest_configure(config) -> None:
@@ -22,9 +26,16 @@ def pytest_configure(config) -> None:
 
 
 def pytest_generate_tests(metafunc) -> None:
-    """Tests marked ``engines("sqlite", "postgres")`` run once per engine (through the ``engine`` fixture)."""
+    """Tests marked ``engines("sqlite", "postgres")`` run once per engine.
+
+    Through the ``engine`` fixture (a database per test) or ``module_engine`` (servers shared by a module).
+    """
     marker = metafunc.definition.get_closest_marker("engines")
-    if marker is not None and "engine" in metafunc.fixturenames:
+    if marker is None:
+        return
+    if "module_engine" in metafunc.fixturenames:
+        metafunc.parametrize("module_engine", marker.args, indirect=True, scope="module")
+    elif "engine" in metafunc.fixturenames:
         metafunc.parametrize("engine", marker.args, indirect=True)
 
 
@@ -45,12 +56,26 @@ def engine(request) -> str:
     return getattr(request, "param", "sqlite")
 
 
+@pytest.fixture(scope="module")
+def module_engine(request) -> str:
+    """The storage engine of a module's shared servers: ``sqlite`` unless the module is marked ``engines(...)``."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def new_database(tmp_path_factory, request):
+    """``new_database(engine)``: the URL of a fresh, empty database (a SQLite file of its own, or on PostgreSQL)."""
+    def make(engine: str) -> str:
+        if engine == "postgres":
+            return request.getfixturevalue("pg_cluster").create_database()
+        return str(tmp_path_factory.mktemp("db") / "server.db")
+    return make
+
+
 @pytest.fixture
-def database_url(engine, tmp_path, request) -> str:
-    """A fresh database on ``engine``: a SQLite file, or a new PostgreSQL database."""
-    if engine == "postgres":
-        return request.getfixturevalue("pg_cluster").create_database()
-    return str(tmp_path / "test.db")
+def database_url(engine, new_database) -> str:
+    """A fresh database on the test's engine."""
+    return new_database(engine)
 
 
 # --- in-process app ---------------------------------------------------------

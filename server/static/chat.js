@@ -1,135 +1,86 @@
-// The chat page: model picker, composer, and one streamed answer at a time.
-// Everything from the network is rendered with textContent or Text nodes,
-// never parsed as HTML: a model answer containing <script> shows as text.
-import { ChatError, authHeaders, cancelChat, errorFrom, streamChat } from "./sse.js";
+// The chat page: model picker, composer, the conversation and its history.
+// Questions, errors and model names are rendered as text; answers as Markdown
+// through markdown.js, which never lets an answer's own markup through.
+import { ChatError, cancelChat, streamChat } from "./sse.js";
+import { MODEL_STORAGE, fitPrompt, loadModels, readOptions } from "./composer.js";
+import { copyCode } from "./markdown.js";
+import {
+  STORE_KEY, loadConversations, modelMessages, newConversation, saveConversations, titleFor,
+} from "./conversations.js";
+import { historyDrawer, renderHistory } from "./history.js";
+import { addAnswer, addUserMessage, formatSeconds, renderAnswer } from "./messages.js";
 
 const API_KEY_STORAGE = "orchestrator.apiKey";
-const MODEL_STORAGE = "orchestrator.model";
+const SAVE_WHILE_STREAMING_MS = 1000; // a reload mid-answer keeps the text up to the last second
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  log: $("log"),
-  intro: $("intro"),
-  form: $("composer"),
-  model: $("model"),
-  models: $("models"),
-  modelHint: $("model-hint"),
-  prompt: $("prompt"),
-  send: $("send"),
-  stop: $("stop"),
-  newChat: $("new-chat"),
-  advanced: $("advanced"),
-  apiKey: $("api-key"),
-  options: $("options"),
-  optionsError: $("options-error"),
+  log: $("log"), intro: $("intro"), form: $("composer"), model: $("model"), models: $("models"),
+  modelHint: $("model-hint"), prompt: $("prompt"), send: $("send"), stop: $("stop"), newChat: $("new-chat"),
+  title: $("chat-title"), notice: $("notice"), noticeText: $("notice-text"), noticeClose: $("notice-close"),
+  advanced: $("advanced"), advancedOpen: $("advanced-open"), advancedDone: $("advanced-done"),
+  apiKey: $("api-key"), options: $("options"), optionsError: $("options-error"),
+  history: $("history"), historyList: $("history-list"), historyToggle: $("history-toggle"),
+  historyClose: $("history-close"), backdrop: $("history-backdrop"),
 };
 
-let conversation = []; // sent with each request: [{role, content}]
+const loaded = loadConversations();
+let conversations = loaded.conversations; // newest first
+let current = conversations.find((c) => c.id === loaded.currentId) || newConversation();
 let inFlight = null; // the AbortController of the answer being streamed
-
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
+const drawer = historyDrawer(ui.history, ui.historyToggle, ui.historyClose, ui.backdrop);
 
 function apiKey() {
   return ui.apiKey.value.trim();
 }
 
-async function loadModels() {
-  let response;
-  try {
-    response = await fetch("/api/v1/models", { headers: authHeaders(apiKey()), cache: "no-store" });
-  } catch {
-    ui.modelHint.textContent = "Cannot reach the server.";
-    return;
-  }
-  if (!response.ok) {
-    const err = await errorFrom(response);
-    ui.modelHint.textContent = err.status === 401 ? "This server needs an API key (see Advanced)." : err.message;
-    return;
-  }
-  const { models } = await response.json();
-  ui.models.replaceChildren(...models.map((m) => {
-    const option = element("option");
-    option.value = m.name;
-    option.label = `${m.agents} agent${m.agents === 1 ? "" : "s"}, ${m.slots} slot${m.slots === 1 ? "" : "s"}`;
-    return option;
-  }));
-  const names = models.map((m) => m.name);
-  if (!ui.model.value) {
-    const remembered = localStorage.getItem(MODEL_STORAGE);
-    ui.model.value = names.includes(remembered) ? remembered : (names[0] || "");
-  }
-  ui.modelHint.textContent = names.length
-    ? `${names.length} model${names.length === 1 ? "" : "s"} online`
-    : "No agent is online yet.";
+function showNotice(text) {
+  ui.noticeText.textContent = text || "";
+  ui.notice.hidden = !text;
 }
 
-function readOptions() {
-  const raw = ui.options.value.trim();
-  ui.optionsError.hidden = true;
-  if (!raw) return {};
-  let options;
-  try {
-    options = JSON.parse(raw);
-  } catch (err) {
-    options = err;
+function save() {
+  if (!conversations.includes(current) && current.messages.length) conversations.unshift(current);
+  const dropped = saveConversations(conversations, current.id);
+  if (dropped > 0) {
+    conversations = conversations.slice(0, conversations.length - dropped);
+    showNotice(`This browser's storage is full: the ${dropped} oldest conversation${dropped === 1 ? " was" : "s were"}`
+      + " dropped.");
+  } else if (dropped < 0) {
+    showNotice("This browser's storage is full: the conversation is not kept across reloads.");
   }
-  if (options === null || typeof options !== "object" || Array.isArray(options) || options instanceof Error) {
-    ui.optionsError.textContent = "Options must be a JSON object, like {\"temperature\": 0.7}.";
-    ui.optionsError.hidden = false;
-    ui.advanced.open = true;
-    return null;
+  showHistory();
+}
+
+function showHistory() {
+  renderHistory(ui.historyList, conversations, current.id, { disabled: inFlight !== null });
+  ui.title.textContent = current.title;
+  ui.newChat.disabled = inFlight !== null;
+}
+
+function showConversation() {
+  ui.log.replaceChildren(ui.intro);
+  ui.intro.hidden = current.messages.length > 0;
+  for (const message of current.messages) {
+    if (message.role === "user") addUserMessage(ui.log, message);
+    else addAnswer(ui.log, message);
   }
-  return options;
+  showHistory();
+  scrollToEnd(true);
 }
 
-function addUserMessage(text) {
-  const node = element("article", "msg user");
-  node.append(element("div", "role", "You"), element("div", "text", text));
-  ui.intro.hidden = true;
-  ui.log.append(node);
+function nearEnd() {
+  return ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < 80;
 }
 
-// One answer: its text, an error box, and the live numbers under it.
-function addAnswer(model) {
-  const node = element("article", "msg assistant");
-  node.dataset.state = "waiting";
-  node.dataset.resumes = "0";
-  const body = element("div", "text");
-  const text = document.createTextNode("");
-  body.append(text);
-  const error = element("div", "error");
-  error.setAttribute("role", "alert");
-  error.hidden = true;
-  const stats = element("div", "stats");
-  const state = element("span", "state", "waiting for the first token…");
-  const ttft = element("span", "ttft");
-  const rate = element("span", "rate");
-  const count = element("span", "count");
-  const resumes = element("span", "resumes");
-  stats.append(state, ttft, rate, count, resumes);
-  node.append(element("div", "role", model), body, error, stats);
-  ui.log.append(node);
-  scrollToEnd();
-  return { node, text, error, state, ttft, rate, count, resumes };
-}
-
-function scrollToEnd() {
-  ui.log.scrollTop = ui.log.scrollHeight;
+function scrollToEnd(force = false) {
+  if (force || nearEnd()) ui.log.scrollTop = ui.log.scrollHeight;
 }
 
 function setBusy(busy) {
   ui.send.disabled = busy;
   ui.stop.hidden = !busy;
-  ui.newChat.disabled = busy;
-}
-
-function formatSeconds(ms) {
-  return `${(ms / 1000).toFixed(2)} s`;
+  showHistory();
 }
 
 async function send(event) {
@@ -142,32 +93,53 @@ async function send(event) {
     ui.modelHint.textContent = "Pick a model first.";
     return ui.model.focus();
   }
-  const options = readOptions();
+  const options = readOptions(ui);
   if (options === null) return;
   localStorage.setItem(MODEL_STORAGE, model);
 
-  conversation.push({ role: "user", content });
-  addUserMessage(content);
+  const question = { role: "user", content };
+  if (!current.messages.length) current.title = titleFor(content);
+  current.messages.push(question);
+  const messages = modelMessages(current);
+  const reply = { role: "assistant", content: "", model, state: "waiting", stats: {} };
+  current.messages.push(reply);
+  current.updated = Date.now();
+  ui.intro.hidden = true;
+  addUserMessage(ui.log, question);
   ui.prompt.value = "";
-  const answer = addAnswer(model);
+  fitPrompt(ui.prompt);
+  const answer = addAnswer(ui.log, reply);
+  scrollToEnd(true);
   const controller = new AbortController();
   inFlight = controller;
   setBusy(true);
+  save();
+  await stream(answer, { model, messages, options }, controller);
+}
 
+async function stream(answer, body, controller) {
+  const { message } = answer;
   const sentAt = performance.now();
   let firstAt = null;
-  let tokens = 0;
+  let frame = null;
+  let savedAt = Date.now();
   // Time to first token counts up while we wait, then freezes.
-  const waiting = setInterval(() => {
-    answer.ttft.textContent = formatSeconds(performance.now() - sentAt);
-  }, 100);
+  const waiting = setInterval(() => { answer.ttft.textContent = formatSeconds(performance.now() - sentAt); }, 100);
+  const draw = () => {
+    frame = null;
+    renderAnswer(answer);
+    scrollToEnd();
+  };
 
   try {
     await streamChat({
-      body: { model, messages: conversation, options },
+      body,
       apiKey: apiKey(),
       signal: controller.signal,
-      onRequest: (id) => { answer.node.dataset.requestId = id || ""; },
+      onRequest: (id) => {
+        message.requestId = id || "";
+        answer.node.dataset.requestId = message.requestId;
+      },
       onStatus: ({ state, position }) => {
         answer.state.textContent = state === "queued" && position ? `queued, position ${position}` : "an agent is on it";
       },
@@ -186,56 +158,73 @@ async function send(event) {
         if (firstAt === null) {
           firstAt = now;
           clearInterval(waiting);
-          answer.ttft.textContent = `first token ${formatSeconds(now - sentAt)}`;
+          message.stats.ttft = now - sentAt;
         }
-        tokens += 1;
-        answer.text.appendData(delta);
-        answer.node.dataset.state = "streaming";
-        answer.state.textContent = "streaming";
-        answer.count.textContent = `${tokens} token${tokens === 1 ? "" : "s"}`;
-        if (tokens > 1 && now > firstAt) {
-          answer.rate.textContent = `${((tokens - 1) / ((now - firstAt) / 1000)).toFixed(1)} tokens/s`;
+        message.content += delta;
+        message.state = "streaming";
+        message.stats.tokens = (message.stats.tokens || 0) + 1;
+        if (message.stats.tokens > 1 && now > firstAt) {
+          message.stats.rate = (message.stats.tokens - 1) / ((now - firstAt) / 1000);
         }
-        scrollToEnd();
+        // Markdown is re-rendered once per frame, not once per token.
+        if (frame === null) frame = requestAnimationFrame(draw);
+        if (Date.now() - savedAt > SAVE_WHILE_STREAMING_MS) {
+          savedAt = Date.now();
+          save();
+        }
       },
     });
-    finish(answer, "done", "done");
-    conversation.push({ role: "assistant", content: answer.text.data });
+    message.state = "done";
   } catch (err) {
     if (controller.signal.aborted) {
-      finish(answer, "stopped", "stopped");
-      if (answer.text.data) conversation.push({ role: "assistant", content: answer.text.data });
+      message.state = "stopped";
     } else {
-      showError(answer, err);
-      conversation.pop(); // the failed question is not part of the conversation the model saw
+      const known = err instanceof ChatError;
+      message.error = { code: known ? err.code : "network_error",
+        message: known ? err.message : `Could not reach the server (${err.message}).` };
+      message.state = "error";
+      // The failed question is not part of the conversation the model saw.
+      current.messages[current.messages.indexOf(message) - 1].failed = true;
     }
   } finally {
     clearInterval(waiting);
+    if (frame !== null) cancelAnimationFrame(frame);
+    if (firstAt === null) answer.ttft.textContent = "";
     inFlight = null;
+    renderAnswer(answer);
     setBusy(false);
+    save();
+    // An error is always brought into view above the composer, with the line under it.
+    if (message.error) answer.stats.scrollIntoView({ block: "nearest" });
+    else scrollToEnd();
     ui.prompt.focus();
   }
 }
 
-function finish(answer, state, label) {
-  answer.node.dataset.state = state;
-  answer.state.textContent = label;
-  if (!answer.ttft.textContent.startsWith("first")) answer.ttft.textContent = "";
+function openConversation(id) {
+  if (inFlight) return;
+  current = conversations.find((c) => c.id === id) || newConversation();
+  drawer.close();
+  showConversation();
+  saveConversations(conversations, current.id);
+  ui.prompt.focus();
 }
 
-function showError(answer, err) {
-  const known = err instanceof ChatError;
-  answer.error.textContent = known ? err.message : `Could not reach the server (${err.message}).`;
-  if (known && err.code) answer.error.dataset.code = err.code;
-  answer.error.hidden = false;
-  finish(answer, "error", known ? `error: ${err.code}` : "error");
+function deleteConversation(id) {
+  if (inFlight) return;
+  conversations = conversations.filter((c) => c.id !== id);
+  if (current.id === id) {
+    current = conversations[0] || newConversation();
+    showConversation();
+  }
+  save();
 }
 
 function newChat() {
   if (inFlight) return;
-  conversation = [];
-  ui.log.replaceChildren(ui.intro);
-  ui.intro.hidden = false;
+  current = newConversation();
+  drawer.close();
+  showConversation();
   ui.prompt.focus();
 }
 
@@ -248,17 +237,42 @@ ui.stop.addEventListener("click", () => {
   if (last) cancelChat(last.dataset.requestId, apiKey());
 });
 ui.newChat.addEventListener("click", newChat);
+ui.historyList.addEventListener("click", (event) => {
+  const item = event.target.closest("[data-id]");
+  if (!item) return;
+  if (event.target.closest(".history-delete")) deleteConversation(item.dataset.id);
+  else if (event.target.closest(".history-open")) openConversation(item.dataset.id);
+});
+ui.log.addEventListener("click", (event) => {
+  const button = event.target.closest(".copy-code");
+  if (button) copyCode(button);
+});
+ui.advancedOpen.addEventListener("click", () => ui.advanced.showModal());
+ui.advancedDone.addEventListener("click", () => { if (readOptions(ui) !== null) ui.advanced.close(); });
+ui.advanced.addEventListener("click", (event) => { if (event.target === ui.advanced) ui.advanced.close(); });
+ui.noticeClose.addEventListener("click", () => showNotice(""));
+ui.prompt.addEventListener("input", () => fitPrompt(ui.prompt));
 ui.prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     ui.form.requestSubmit();
   }
 });
+// Another tab saved: take its list, keeping the conversation on this screen as it is here.
+window.addEventListener("storage", (event) => {
+  if (event.key !== STORE_KEY) return;
+  conversations = loadConversations().conversations.map((c) => (c.id === current.id ? current : c));
+  showHistory();
+});
+window.addEventListener("pagehide", () => { if (inFlight) save(); });
 ui.apiKey.value = localStorage.getItem(API_KEY_STORAGE) || "";
 ui.apiKey.addEventListener("change", () => {
   localStorage.setItem(API_KEY_STORAGE, apiKey());
-  loadModels();
+  loadModels(ui, apiKey());
 });
-ui.model.addEventListener("focus", loadModels);
-loadModels();
+ui.model.addEventListener("focus", () => loadModels(ui, apiKey()));
+
+showNotice(loaded.notice);
+showConversation();
+loadModels(ui, apiKey());
 ui.prompt.focus();

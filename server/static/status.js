@@ -1,6 +1,8 @@
-// The operator page: polls GET /api/v1/status every few seconds and renders
-// it with textContent only (agent names and models are data, not markup).
+// The operator page: polls GET /api/v1/status and /api/v1/status/series every
+// few seconds; tables are rendered with textContent only (agent names and
+// models are data, not markup), the charts by charts.js.
 import { authHeaders, errorFrom } from "./sse.js";
+import { createCharts } from "./charts.js";
 
 const TOKEN_STORAGE = "orchestrator.adminToken";
 const REFRESH_MS = 3000;
@@ -12,7 +14,14 @@ const ui = {
   tokenBox: $("token-box"),
   tokenForm: $("token-form"),
   token: $("admin-token"),
-  tiles: { agents: $("tile-agents"), queued: $("tile-queued"), active: $("tile-active"), latency: $("tile-latency") },
+  tiles: {
+    agents: $("tile-agents"), queued: $("tile-queued"), active: $("tile-active"), rate: $("tile-rate"),
+    rateLabel: $("tile-rate-label"), p50: $("tile-p50"), p95: $("tile-p95"),
+    p50Label: $("tile-p50-label"), p95Label: $("tile-p95-label"),
+  },
+  rateHead: $("rate-head"),
+  tokensSummary: $("tokens-summary"),
+  latencySummary: $("latency-summary"),
   agents: document.querySelector("#agents tbody"),
   queue: document.querySelector("#queue tbody"),
   outcomesTitle: $("outcomes-title"),
@@ -22,6 +31,10 @@ const ui = {
 };
 
 let timer = null;
+const charts = createCharts($("tokens-chart"), $("latency-chart"));
+if (!charts) {
+  ui.tokensSummary.textContent = ui.latencySummary.textContent = "The chart library did not load; the tables below still work.";
+}
 
 function cell(text, className, label) {
   const td = document.createElement("td");
@@ -59,7 +72,12 @@ function number(value) {
   return value === null || value === undefined ? "–" : value.toLocaleString("en");
 }
 
-function agentRow(agent, now) {
+function rate(value) {
+  if (value === null || value === undefined) return "–";
+  return value >= 100 ? value.toFixed(0) : value.toFixed(1);
+}
+
+function agentRow(agent, now, rateLabel) {
   const name = cell(agent.name, "agent-name");
   name.append(document.createElement("br"), Object.assign(document.createElement("small"), { textContent: agent.id }));
   const models = cell("", "models", "Models");
@@ -68,10 +86,9 @@ function agentRow(agent, now) {
   } else {
     models.textContent = "any";
   }
-  const speed = agent.tokens_per_second === null ? "–" : agent.tokens_per_second.toFixed(1);
   return row(name, models, cell(number(agent.slots), "num", "Slots"), cell(ago(now, agent.last_seen), "num", "Last seen"),
     cell(number(agent.jobs_done), "num", "Jobs done"), cell(number(agent.tokens_streamed), "num", "Tokens"),
-    cell(speed, "num", "Tokens/s (1 min)"));
+    cell(rate(agent.current_tokens_per_second), "num rate", rateLabel));
 }
 
 function render(status) {
@@ -79,14 +96,23 @@ function render(status) {
   const minutes = Math.round(status.window_seconds / 60);
   const queued = queue.reduce((sum, q) => sum + q.queued, 0);
   const active = queue.reduce((sum, q) => sum + q.active, 0);
+  // Each agent's rate is over the last few seconds: say so wherever it shows.
+  const rateLabel = `Tokens/s (last ${status.current_rate_seconds} s)`;
+  const totalRate = agents.reduce((sum, a) => sum + (a.current_tokens_per_second || 0), 0);
 
   ui.tiles.agents.textContent = number(agents.length);
   ui.tiles.queued.textContent = number(queued);
   ui.tiles.active.textContent = number(active);
-  ui.tiles.latency.textContent = `${seconds(latency.p50)} / ${seconds(latency.p95)}`;
+  ui.tiles.rateLabel.textContent = rateLabel;
+  ui.tiles.rate.textContent = rate(totalRate);
+  ui.tiles.p50Label.textContent = `First token p50 (${minutes} min)`;
+  ui.tiles.p95Label.textContent = `First token p95 (${minutes} min)`;
+  ui.tiles.p50.textContent = seconds(latency.p50);
+  ui.tiles.p95.textContent = seconds(latency.p95);
+  ui.rateHead.textContent = rateLabel;
 
   ui.agents.replaceChildren(...(agents.length
-    ? agents.map((a) => agentRow(a, status.now))
+    ? agents.map((a) => agentRow(a, status.now, rateLabel))
     : [emptyRow(7, "No agent has been seen recently.")]));
   ui.queue.replaceChildren(...(queue.length
     ? queue.map((q) => row(cell(q.model), cell(number(q.queued), "num"), cell(number(q.active), "num")))
@@ -111,6 +137,12 @@ function render(status) {
     : "No finished request to measure first-token latency from yet.";
 }
 
+function renderCharts(series) {
+  const { tokens, latency } = charts.update(series);
+  ui.tokensSummary.textContent = tokens;
+  ui.latencySummary.textContent = latency;
+}
+
 function showBanner(text) {
   ui.banner.textContent = text;
   ui.banner.hidden = !text;
@@ -123,10 +155,13 @@ async function refresh() {
     return;
   }
   try {
-    const response = await fetch("/api/v1/status", { headers: authHeaders(ui.token.value.trim()), cache: "no-store" });
-    if (!response.ok) {
-      const err = await errorFrom(response);
-      if (response.status === 401) {
+    const request = { headers: authHeaders(ui.token.value.trim()), cache: "no-store" };
+    const [response, series] = await Promise.all([
+      fetch("/api/v1/status", request), charts ? fetch("/api/v1/status/series", request) : null]);
+    const refused = [response, series].find((r) => r && !r.ok);
+    if (refused) {
+      const err = await errorFrom(refused);
+      if (refused.status === 401) {
         ui.tokenBox.open = true;
         showBanner("This server needs its admin token to show its status: enter it below.");
       } else {
@@ -135,6 +170,7 @@ async function refresh() {
       return;
     }
     render(await response.json());
+    if (series) renderCharts(await series.json());
     showBanner("");
     document.body.dataset.loaded = "true";
     ui.updated.textContent = `Updated ${new Date().toLocaleTimeString()} · every ${REFRESH_MS / 1000} s`;

@@ -46,6 +46,7 @@ def migrated(url: str) -> Iterator[Connection]:
     """A connection to the database at ``url``, migrated first; everything closed on exit (CLI, tools, tests)."""
     store = open_storage(url)
     try:
+        store.check()           # one line naming where and why, before any pool retries in the background
         migrate(store)
         with store.connection() as conn:
             yield conn

@@ -16,6 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from flask import g, has_app_context
+
+from ..errors import ApiError
 from ..notifier import Notifier
 
 # Idle connections kept per storage.  Opening a SQLite one costs ~0.5 ms here
@@ -24,15 +27,30 @@ POOL_SIZE = 16
 MIGRATIONS_ROOT = Path(__file__).resolve().parent.parent.parent / "migrations"
 
 
-class StorageError(Exception):
-    """The database failed (locked, unreachable, full, corrupt): the server's trouble, not the client's."""
+class StorageError(ApiError):
+    """The database failed (locked, unreachable, full, corrupt): the server's trouble, not the client's.
+
+    Rendered as a 503 ``storage_unavailable`` (agents retry it); ``str()`` is the engine's own reason, for
+    logs and the CLI, never sent to clients.
+    """
+
+    status, code = 503, "storage_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("the server's database is unavailable: retry shortly")
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class Connection:
     """One database connection: portable SQL, transactions, and wake-ups announced on commit."""
 
-    # Appended to a claim's row-picking subquery by engines with row locks (``FOR UPDATE SKIP LOCKED``).
-    skip_locked = ""
+    # Appended to a SELECT whose rows the same transaction then updates, by engines with row locks: SQLite's
+    # BEGIN IMMEDIATE already serializes every writer, PostgreSQL's READ COMMITTED would lose updates.
+    for_update = ""          # the row is ours until COMMIT (a chunk POST, a cancel)
+    skip_locked = ""         # rows another transaction holds are passed over (a claim, a sweep)
 
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier
@@ -123,7 +141,11 @@ class Storage:
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
-        """A pooled connection for a short piece of work (a request, one read of a stream)."""
+        """A pooled connection for a short piece of work outside a view (one read of a stream, a sweep)."""
+        if has_app_context() and "db" in g:
+            # A view already holds get_db()'s connection: borrowing a second one can deadlock a bounded
+            # pool once every connection is held by a view waiting for its second.
+            raise RuntimeError("this request already holds a connection: use get_db(), or close_db() first")
         conn = self.take()
         try:
             yield conn

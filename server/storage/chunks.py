@@ -10,6 +10,9 @@ from ..notifier import job_key
 from .base import Connection
 from .jobs import FINAL, Status
 
+# Rows per INSERT statement: SQLite allows 32,766 parameters in one statement, PostgreSQL 65,535.
+INSERT_ROWS = 1000
+
 
 @dataclass(frozen=True)
 class Appended:
@@ -46,7 +49,7 @@ def append_chunks(conn: Connection, agent_id: str, job_id: str, seq: int | None,
     with conn.transaction():
         row = conn.execute(
             "SELECT status, agent_id, next_seq, cancel_requested, model, released, error_code"
-            " FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            f" FROM jobs WHERE id = ?{conn.for_update}", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no job {job_id}", code="job_not_found")
         held = _HeldJob(job_id, *row)
@@ -102,8 +105,12 @@ def _store_post(conn: Connection, job: _HeldJob, seq: int | None, chunks: list[s
                        code="seq_gap", extra={"expected_seq": next_seq})
     fresh = chunks[next_seq - seq:] if end > next_seq else []
     if fresh:
-        conn.executemany("INSERT INTO chunks (job_id, seq, text, created_at) VALUES (?, ?, ?, ?)",
-                         [(job.id, next_seq + i, text, now) for i, text in enumerate(fresh)])
+        # One multi-row INSERT: a statement per batch, not per chunk (a round trip each on PostgreSQL).
+        rows = [(job.id, next_seq + i, text, now) for i, text in enumerate(fresh)]
+        for start in range(0, len(rows), INSERT_ROWS):
+            part = rows[start:start + INSERT_ROWS]
+            conn.execute("INSERT INTO chunks (job_id, seq, text, created_at) VALUES "
+                         + ", ".join(["(?, ?, ?, ?)"] * len(part)), [v for row in part for v in row])
     new_next = next_seq + len(fresh)
     started = job.status == Status.DELIVERED
     if job.cancel_requested:

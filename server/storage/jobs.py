@@ -143,7 +143,7 @@ def cancel_job(conn: Connection, job_id: str, now: float) -> str | None:
     Returns the resulting status, or None if it was already final.
     """
     with conn.transaction():
-        row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = conn.execute(f"SELECT status FROM jobs WHERE id = ?{conn.for_update}", (job_id,)).fetchone()
         if row is None or row[0] in FINAL:
             return None
         if row[0] == Status.QUEUED:

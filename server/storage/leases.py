@@ -25,7 +25,8 @@ def expire_leases(conn: Connection, now: float, max_attempts: int) -> list[Expir
     with conn.transaction():
         rows = conn.execute(
             "SELECT id, model, agent_id, next_seq, attempts, cancel_requested, released FROM jobs"
-            " WHERE status IN ('delivered', 'running') AND lease_expires < ?", (now,)).fetchall()
+            # A job whose row is locked is being posted to right now: its lease is being renewed.
+            f" WHERE status IN ('delivered', 'running') AND lease_expires < ?{conn.skip_locked}", (now,)).fetchall()
         for job_id, model, agent_id, next_seq, attempts, cancel_requested, released in rows:
             released = ",".join(filter(None, [released, agent_id]))
             if cancel_requested:

@@ -56,10 +56,15 @@ def _applied(conn: Connection) -> list[str]:
     return [row[0] for row in conn.execute("SELECT name FROM migrations ORDER BY name").fetchall()]
 
 
-def pending(storage: Storage, directory: Path | None = None) -> list[Migration]:
-    """Migrations still to apply; refuses a database that is ahead of the code."""
-    with storage.connection() as conn:
+def pending(storage: Storage, directory: Path | None = None, *, conn: Connection | None = None) -> list[Migration]:
+    """Migrations still to apply; refuses a database that is ahead of the code.
+
+    ``conn``: a connection the caller already holds (a view's), so it does not borrow a second one.
+    """
+    if conn is not None:
         return _pending(storage, conn, directory)
+    with storage.connection() as borrowed:
+        return _pending(storage, borrowed, directory)
 
 
 def _pending(storage: Storage, conn: Connection, directory: Path | None) -> list[Migration]:

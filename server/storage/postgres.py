@@ -51,12 +51,14 @@ def _translate(sql: str) -> str:
 
 
 def _unavailable(exc: Exception) -> StorageError:
-    return StorageError(f"PostgreSQL: {str(exc).strip()}")
+    # libpq's messages run over several lines (a hint on the second): one line, for logs and the CLI.
+    return StorageError("PostgreSQL: " + " ".join(str(exc).split()))
 
 
 class PostgresConnection(Connection):
     """A pooled psycopg connection in autocommit mode: ``transaction()`` issues BEGIN / COMMIT itself."""
 
+    for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, raw: psycopg.Connection, notifier: Notifier, origin: str) -> None:

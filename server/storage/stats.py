@@ -60,6 +60,23 @@ def first_token_latency(conn: Connection, since: float) -> dict[str, Any]:
     return {"samples": len(samples), "p50": percentile(samples, 50), "p95": percentile(samples, 95)}
 
 
+def streamed_jobs(conn: Connection, since: float, limit: int) -> tuple[list[tuple], bool]:
+    """``(created_at, first_token_at, finished_at, tokens)`` of jobs that streamed since ``since``.
+
+    Running ones (``finished_at`` None; the partial index of leased jobs) and
+    the newest ``limit`` finished ones (the ``finished_at`` index), never the
+    chunks table; the flag says whether older finished ones were left out.
+    """
+    running = conn.execute(
+        "SELECT created_at, first_token_at, NULL, next_seq FROM jobs"
+        " WHERE status IN ('delivered', 'running') AND first_token_at IS NOT NULL").fetchall()
+    finished = conn.execute(
+        "SELECT created_at, first_token_at, finished_at, next_seq FROM jobs"
+        " WHERE finished_at >= ? AND first_token_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+        (since, limit + 1)).fetchall()
+    return running + finished[:limit], len(finished) > limit
+
+
 def first_token_wait(conn: Connection, job_id: str) -> float | None:
     """Seconds from the job's creation to its first stored token; None before it has one."""
     row = conn.execute("SELECT created_at, first_token_at FROM jobs WHERE id = ?", (job_id,)).fetchone()

@@ -157,7 +157,8 @@ def test_a_table_edited_away_from_the_code_fails(before, after, problem):
     ("- `BATCH_MODE=adaptive` (agent)", "- `BATCH_MODE=fixed` (agent)", "BATCH_MODE"),
     ("- `POLL_INTERVAL=0.1` s", "- `POLL_INTERVAL=0.2` s", "POLL_INTERVAL"),
     ("`LONG_POLL` (agent, default 0,", "`LONG_POLL` (agent, default 25,", "LONG_POLL"),
-    ("(`ORCH_WORKER_CONNECTIONS` (10,000)", "(`ORCH_WORKER_CONNECTIONS` (1,000)", "ORCH_WORKER_CONNECTIONS"),
+    ("`ORCH_WORKER_CONNECTIONS`, 10,000 by default", "`ORCH_WORKER_CONNECTIONS`, 1,000 by default",
+     "ORCH_WORKER_CONNECTIONS"),
 ])
 def test_a_default_in_the_readmes_prose_edited_away_from_the_code_fails(before, after, name):
     assert before in README

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import requests
 
+from devtools.nginx import Nginx
 from devtools.processes import LiveServer
 from sim.tokens import chat_prompt, expected_text
 
@@ -64,13 +65,22 @@ class EventStream:
         return answer
 
 
-def start_chat(server: LiveServer, content: str, model: str = "sim", **options) -> requests.Response:
+def resume(front: LiveServer | Nginx, answer: Answer) -> Answer:
+    """Reconnect to the answer's stream after its last chunk (``Last-Event-ID``), as an EventSource does."""
+    headers = {"Last-Event-ID": str(answer.ids[-1])} if answer.ids else {}
+    with requests.get(f"{front.url}/api/v1/chat/stream/{answer.request_id}", headers=headers, stream=True,
+                      timeout=(5, 60)) as response:
+        assert response.status_code == 200, response.text
+        return EventStream(response, answer).read()
+
+
+def start_chat(server: LiveServer | Nginx, content: str, model: str = "sim", **options) -> requests.Response:
     response = requests.post(server.url + "/api/v1/chat/stream", stream=True, timeout=(5, 60),
                              json={"model": model, "messages": messages(content), "options": options})
     assert response.status_code == 200, response.text
     return response
 
 
-def chat(server: LiveServer, content: str, model: str = "sim", **options) -> Answer:
+def chat(server: LiveServer | Nginx, content: str, model: str = "sim", **options) -> Answer:
     with start_chat(server, content, model, **options) as response:
         return EventStream(response).read()

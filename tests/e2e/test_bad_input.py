@@ -171,6 +171,10 @@ def table() -> dict[str, Case]:
             (NATIVE, "/api/v1/chat/%FF", 404, ()),
             (NATIVE, "/api/v1/status?minutes=0", 400, ()),
             (NATIVE, "/api/v1/status?minutes=abc", 400, ()),
+            (NATIVE, "/api/v1/status?minutes=%C2%B2", 400, ()),  # "²": str.isdigit() says yes, int() no
+            (NATIVE, "/api/v1/status/series?minutes=%C2%B2", 400, ()),
+            (NATIVE, "/api/v1/status/series?minutes=" + "9" * 40, 400, ()),
+            (NATIVE, "/api/v1/status/series?minutes=61", 400, ()),
             (OPENAI, "/v1/models/no-such-model", 404, ()),
             (OPENAI, "/v1/models/line%0Afeed", 404, ()),
             (OPENAI, "/v1/no-such-route", 404, ())):

@@ -130,6 +130,24 @@ def test_the_delay_proxy_relays_kept_alive_requests_and_streams_intact(tmp_path,
         proxy.stop()
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("setup", [["--engine", "sqlite"], ["--engine", "postgres", "--hosts", "2", "--route", "cross"]])
+def test_the_scaling_benchmark_runs_a_level_and_loses_nothing(tmp_path, setup, request):
+    """`make bench-load`'s scaling table, one small level: servers, the load generator, its figures."""
+    if "postgres" in setup:
+        request.getfixturevalue("pg_cluster")          # skipped, with the reason, where PostgreSQL is missing
+    done = subprocess.run([sys.executable, "-m", "bench.scaling", *setup, "--levels", "4", "--level-seconds", "2",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = json.loads(next(tmp_path.glob("scaling-*.json")).read_text()).values()
+    (level,) = results
+    assert level["chats"] == 4 and level["tokens_per_s"] > 0
+    assert (level["lost"], level["duplicated"], level["errors"]) == (0, 0, 0)
+    assert level["added_p50_ms"] is not None and level["server_cpu_ms_per_token"] > 0
+    assert (level["database_cpu_ms_per_token"] > 0) == ("postgres" in setup)
+    assert "| tokens/s |" in done.stdout
+
+
 # --- arrival phase and help -------------------------------------------------------
 
 def test_the_poll_cycle_each_configuration_waits_out_on_average_half_of():

@@ -1,121 +1,36 @@
 """The chat and status pages in Debian's Chromium (headless, through Playwright), against a real
-server (gunicorn with the gevent worker), a real agent (`python -m agent`) and the Ollama simulator.
+server (gunicorn with the gevent worker), a real agent (`python -m agent`) and the Ollama simulator:
+streaming, stopping, resuming, errors, and hostile API answers shown as text.
 
-Each test writes a screenshot under its temporary folder so a person can look at the page.
-Skipped, with the reason, where Chromium or the playwright package is missing: `.ci/install-browser`
-installs Chromium where it can.
+Markdown, kept conversations and the phone layout are in test_browser_chat.py, the status page's charts
+in test_browser_status.py; the harness they share is browser_harness.py. Each test writes screenshots
+under its temporary folder so a person can look at the page.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
 import requests
 
-from devtools.processes import AgentProcess, LiveServer, Simulator, launch_agent, wait_until
-from sim.tokens import expected_text
+from devtools.processes import wait_until
+from sim.tokens import chat_prompt, expected_text
+from tests.e2e.browser_harness import (
+    BROWSER_AGENT,
+    ask,
+    current_messages,
+    expect,
+    requires_browser,
+    screenshot,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Without the background-networking flags Chromium keeps dialling Google's
-# services, and this machine's closed network refuses its connections.
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 20_000
-
-
-def _skip_reason() -> str | None:
-    if importlib.util.find_spec("playwright") is None:
-        return "the playwright package is not installed: pip install -e '.[dev]'"
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} is missing: .ci/install-browser installs it (needs root and apt-get)"
-    return None
+pytestmark = requires_browser
 
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
-
-
-# --- the network: server, simulator, agent ---------------------------------------------------------
-
-BROWSER_AGENT = "browser-agent"
-
-
-@dataclass
-class Network:
-    server: LiveServer
-    simulator: Simulator
-    agent: AgentProcess
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-
-@pytest.fixture
-def start_network(live_server_factory, simulator, tmp_path) -> Iterator:
-    """``start_network(**server_env)``: a live server with one agent (`python -m agent`) in front of the
-    simulator, online when it returns."""
-    agents: list[AgentProcess] = []
-
-    def start(**server_env: str) -> Network:
-        server = live_server_factory(**server_env)
-        agents.append(launch_agent(server, simulator.url, tmp_path / f"agent-{len(agents)}.log", BROWSER_AGENT,
-                                   MAX_JOBS=2, SHUTDOWN_TIMEOUT=2))
-        return Network(server, simulator, agents[-1])
-
-    yield start
-    for agent in agents:
-        agent.stop(timeout=15)
-
-
-# --- the browser -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser):
-    """A fresh page; an uncaught JavaScript error fails the test."""
-    context = browser.new_context(viewport={"width": 1100, "height": 800})
-    context.set_default_timeout(TIMEOUT_MS)
-    tab = context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield tab
-    context.close()
-    assert not errors, f"uncaught errors in the page: {errors}"
-
-
-def expect(locator):
-    from playwright.sync_api import expect as playwright_expect
-
-    playwright_expect.set_options(timeout=TIMEOUT_MS)
-    return playwright_expect(locator)
-
-
-def ask(page, prompt: str, options: dict | None = None):
-    """Type ``prompt`` (with ``options`` in the Advanced field) and send it; returns the answer's element."""
-    expect(page.locator("#model")).not_to_have_value("")
-    if options is not None:
-        page.click("#advanced summary")
-        page.fill("#options", json.dumps(options))
-    answers = page.locator(".msg.assistant")
-    count = answers.count()
-    page.fill("#prompt", prompt)
-    page.click("#send")
-    return answers.nth(count)
+def words(text: str) -> str:
+    """Text with its whitespace runs as single spaces: Markdown turns line breaks into layout."""
+    return " ".join(text.split())
 
 
 # --- a network you can cut -------------------------------------------------------------------------
@@ -193,14 +108,23 @@ def test_chat_page_streams_the_simulators_exact_text(start_network, page, tmp_pa
 
     expect(answer).to_have_attribute("data-state", "done")
     model = page.input_value("#model")
-    assert answer.locator(".text").text_content() == expected_text(0, 40, model, prompt)
+    text = expected_text(0, 40, model, prompt)
+    assert current_messages(page)[-1]["content"] == text  # kept exactly, and sent back with the next question
+    assert words(answer.locator(".text").inner_text()) == words(text)
     expect(answer.locator(".ttft")).to_contain_text("first token")
     expect(answer.locator(".rate")).to_contain_text("tokens/s")
     expect(answer.locator(".count")).to_have_text("40 tokens")
     expect(answer.locator(".error")).to_be_hidden()
     record = requests.get(f"{network.url}/api/v1/chat/{answer.get_attribute('data-request-id')}", timeout=5).json()
     assert record["status"] == "done"
-    page.screenshot(path=tmp_path / "chat.png", full_page=True)
+    screenshot(page, tmp_path, "chat")
+
+    # The follow-up carries the whole conversation: the simulator's answer depends on every message.
+    follow_up = ask(page, "And alpacas?", {"sim_tokens": 12, "sim_interval_ms": 5})
+    expect(follow_up).to_have_attribute("data-state", "done")
+    sent = [{"role": "user", "content": prompt}, {"role": "assistant", "content": text},
+            {"role": "user", "content": "And alpacas?"}]
+    assert current_messages(page)[-1]["content"] == expected_text(0, 12, model, chat_prompt(sent))
 
 
 def test_stop_aborts_the_stream_and_cancels_the_job(start_network, page, tmp_path):
@@ -219,7 +143,8 @@ def test_stop_aborts_the_stream_and_cancels_the_job(start_network, page, tmp_pat
     record = requests.get(f"{network.url}/api/v1/chat/{answer.get_attribute('data-request-id')}", timeout=5).json()
     assert record["status"] == "cancelled"
     assert answer.locator(".text").text_content() != ""
-    page.screenshot(path=tmp_path / "chat-stopped.png", full_page=True)
+    assert current_messages(page)[-1]["state"] == "stopped"
+    screenshot(page, tmp_path, "chat-stopped")
 
 
 def test_a_dropped_connection_resumes_without_gap_or_repeat(start_network, page, tmp_path):
@@ -235,7 +160,7 @@ def test_a_dropped_connection_resumes_without_gap_or_repeat(start_network, page,
 
         expect(answer).to_have_attribute("data-state", "done")
         model = page.input_value("#model")
-        assert answer.locator(".text").text_content() == expected_text(0, 300, model, prompt)
+        assert current_messages(page)[-1]["content"] == expected_text(0, 300, model, prompt)
         assert int(answer.get_attribute("data-resumes")) >= 1
         expect(answer.locator(".resumes")).to_contain_text("resumed after")
         request_id = answer.get_attribute("data-request-id")
@@ -244,7 +169,7 @@ def test_a_dropped_connection_resumes_without_gap_or_repeat(start_network, page,
         assert b"\r\nlast-event-id: " in sent
     finally:
         proxy.close()
-    page.screenshot(path=tmp_path / "chat-resumed.png", full_page=True)
+    screenshot(page, tmp_path, "chat-resumed")
 
 
 def test_an_error_event_shows_as_an_error_not_as_text(start_network, page):
@@ -258,7 +183,8 @@ def test_an_error_event_shows_as_an_error_not_as_text(start_network, page):
     expect(answer.locator(".error")).to_be_visible()
     assert answer.locator(".error").get_attribute("data-code") == "agent_error"
     model = page.input_value("#model")
-    assert answer.locator(".text").text_content() == expected_text(0, 3, model, prompt)
+    assert current_messages(page)[-1]["content"] == expected_text(0, 3, model, prompt)
+    assert words(answer.locator(".text").inner_text()) == words(expected_text(0, 3, model, prompt))
 
 
 def test_status_page_lists_the_agent_behind_the_admin_token(start_network, page, tmp_path):
@@ -280,9 +206,7 @@ def test_status_page_lists_the_agent_behind_the_admin_token(start_network, page,
     expect(page.locator("#tile-agents")).to_have_text("1")
     expect(page.locator("#outcomes .outcome-done + dd")).to_have_text("1")
     assert network.agent.creds.secret not in page.content()
-    page.screenshot(path=tmp_path / "status.png", full_page=True)
-    page.set_viewport_size({"width": 390, "height": 844})
-    page.screenshot(path=tmp_path / "status-phone.png", full_page=True)
+    screenshot(page, tmp_path, "status")
 
 
 # --- escaping: the page's own rendering, fed hostile API answers -------------------------------------
@@ -307,21 +231,22 @@ def test_answers_and_errors_containing_markup_show_as_text(live_server, page, tm
     failed = ask(page, "again")
     expect(failed).to_have_attribute("data-state", "error")
 
-    assert answer.locator(".text").text_content() == "".join(HOSTILE)
+    assert answer.locator(".text").text_content().strip() == "".join(HOSTILE)
     assert page.locator(".msg.user .text").first.text_content() == "<i>hello</i>"
     assert failed.locator(".error").text_content() == '<img src=x onerror="window.pwned = 3">'
     assert page.input_value("#model") == "<b>m</b>"
     assert page.locator("#log img, #log b, #log i, #log script").count() == 0
     assert page.evaluate("window.pwned") is None
-    page.screenshot(path=tmp_path / "chat-escaping.png", full_page=True)
+    screenshot(page, tmp_path, "chat-escaping")
 
 
 def test_status_page_shows_agent_names_and_models_as_text(live_server, page):
     hostile = '<img src=x onerror="window.pwned = 4">'
     page.route("**/api/v1/status*", lambda route: route.fulfill(json={
-        "now": 1000.0, "window_seconds": 300,
+        "now": 1000.0, "window_seconds": 300, "current_rate_seconds": 5,
         "agents": [{"id": "agt_1", "name": hostile, "models": [hostile], "slots": 1, "last_seen": 999.0,
-                    "jobs_done": 0, "tokens_streamed": 0, "tokens_per_second": None}],
+                    "jobs_done": 0, "tokens_streamed": 0, "tokens_per_second": None,
+                    "current_tokens_per_second": None}],
         "queue": [{"model": hostile, "queued": 1, "active": 0}],
         "requests": {"by_status": {"done": 0, "failed": 1, "cancelled": 0}, "errors": {hostile: 1}},
         "first_token_latency": {"samples": 0, "p50": None, "p95": None},

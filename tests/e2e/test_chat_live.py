@@ -21,29 +21,40 @@ from tests.signed import sign
 TIMEOUT = 10
 
 
-def live_server(tmp_path_factory, name: str, **env):
-    directory = tmp_path_factory.mktemp(name)
-    live = LiveServer(directory / "server.db", directory / "server.log", {"ORCH_SWEEP_INTERVAL": 0.1, **env})
-    live.start()
-    yield live
-    # SIGINT: gunicorn's quick shutdown; the graceful one would wait for idle keep-alive connections.
-    live.stop(signal.SIGINT)
+pytestmark = pytest.mark.engines("sqlite", "postgres")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    yield from live_server(tmp_path_factory, "server", ORCH_CANCEL_GRACE=1)
+def live_server_on(tmp_path_factory, module_engine, new_database):
+    """``live_server_on(name, **env)``: a server on a fresh database of the module's engine; stopped at the end."""
+    started: list[LiveServer] = []
+
+    def start(name: str, **env) -> LiveServer:
+        log = tmp_path_factory.mktemp(name) / "server.log"
+        live = LiveServer(new_database(module_engine), log, {"ORCH_SWEEP_INTERVAL": 0.1, **env}, name=name)
+        started.append(live.start())
+        return live
+
+    yield start
+    for live in started:
+        # SIGINT: gunicorn's quick shutdown; the graceful one would wait for idle keep-alive connections.
+        live.stop(signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
-def legacy(tmp_path_factory):
-    yield from live_server(tmp_path_factory, "legacy", ORCH_NOTIFIER="poll")
+def server(live_server_on):
+    return live_server_on("server", ORCH_CANCEL_GRACE=1)
 
 
 @pytest.fixture(scope="module")
-def impatient(tmp_path_factory):
-    yield from live_server(tmp_path_factory, "impatient", ORCH_CANCEL_GRACE=0, ORCH_QUEUE_TIMEOUT=1,
-                           ORCH_LEASE_SECONDS=0.5, ORCH_KEEPALIVE_SECONDS=0.2)
+def legacy(live_server_on):
+    return live_server_on("legacy", ORCH_NOTIFIER="poll")
+
+
+@pytest.fixture(scope="module")
+def impatient(live_server_on):
+    return live_server_on("impatient", ORCH_CANCEL_GRACE=0, ORCH_QUEUE_TIMEOUT=1, ORCH_LEASE_SECONDS=0.5,
+                          ORCH_KEEPALIVE_SECONDS=0.2)
 
 
 class Agent:

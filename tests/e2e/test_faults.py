@@ -22,6 +22,8 @@ from tests.e2e.chat_client import Answer, EventStream, chat, expected, start_cha
 from tests.e2e.flaky_proxy import Fate, FlakyProxy
 from tests.signed import sign
 
+pytestmark = pytest.mark.engines("sqlite", "postgres")
+
 # Leases short enough that a lost agent is noticed within a test, swept five times a second.
 FAST_LEASES = {"ORCH_LEASE_SECONDS": 2, "ORCH_DELIVERY_LEASE_SECONDS": 2, "ORCH_SWEEP_INTERVAL": 0.2}
 # The promise is lease + 1 s (3 s here); the rest is slack for a loaded 2-core machine.

@@ -1,6 +1,7 @@
 """The chat and status pages, and the JSON they read, in-process."""
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from pathlib import Path
@@ -34,8 +35,11 @@ def finished_request(db, agent_id: str, *, created: float, first_token: float | 
     return request_id
 
 
-@pytest.mark.parametrize("path, script", [("/", "chat.js"), ("/status", "status.js")])
-def test_page_renders_with_its_own_script_and_stylesheet(client, path, script):
+@pytest.mark.parametrize("path, script, vendored", [
+    ("/", "chat.js", ["vendor/dompurify/purify.min.js"]),
+    ("/status", "status.js", ["vendor/uplot/uPlot.iife.min.js", "vendor/uplot/uPlot.min.css"]),
+])
+def test_page_renders_with_its_own_scripts_and_stylesheets(client, path, script, vendored):
     page = client.get(path)
     assert page.status_code == 200
     assert page.mimetype == "text/html"
@@ -43,8 +47,30 @@ def test_page_renders_with_its_own_script_and_stylesheet(client, path, script):
     assert f'src="/static/{script}"' in html
     assert 'href="/static/style.css"' in html
     assert 'name="viewport"' in html
-    for asset in (f"/static/{script}", "/static/sse.js", "/static/style.css"):
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', html)
+    assert {f"/static/{name}" for name in vendored} <= set(assets)
+    for asset in assets + ["/static/sse.js", "/static/markdown.js", "/static/vendor/marked/marked.esm.js"]:
         assert client.get(asset).status_code == 200, asset
+
+
+VENDOR = STATIC / "vendor"
+
+
+def vendored_files() -> list[tuple[str, int, str]]:
+    """``(file, bytes, sha256)`` of each row of the table in server/static/vendor/README.md."""
+    table = re.findall(r"^\|[^|]+\|[^|]+\|[^|]+\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \|$",
+                       (VENDOR / "README.md").read_text(), re.MULTILINE)
+    return [(name, int(size), digest) for name, size, digest in table]
+
+
+def test_vendored_libraries_are_the_files_their_readme_names_each_with_its_licence():
+    listed = vendored_files()
+    assert {name for name, _, _ in listed} == {
+        str(p.relative_to(VENDOR)) for p in VENDOR.glob("*/*") if p.suffix in (".js", ".css")}
+    for name, size, digest in listed:
+        data = (VENDOR / name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (size, digest), f"{name} changed: update the README"
+        assert (VENDOR / name).parent.joinpath("LICENSE").is_file(), f"{name} has no LICENSE beside it"
 
 
 @pytest.mark.parametrize("path", ["/", "/status"])
@@ -85,14 +111,16 @@ def test_status_lists_online_agents_without_secrets(client, dbconn):
     assert [a["name"] for a in listed] == ["gpu-1"]
     assert listed[0] | {"last_seen": None} == {
         "id": creds.id, "name": "gpu-1", "last_seen": None, "models": ["llama3:8b", "sim"], "slots": 4,
-        "jobs_done": 0, "tokens_streamed": 0, "tokens_per_second": 0.0}
+        "jobs_done": 0, "tokens_streamed": 0, "tokens_per_second": 0.0,
+        "current_tokens_per_second": 0.0}
     assert creds.secret not in status.get_data(as_text=True)
     assert "secret" not in status.get_data(as_text=True)
 
 
 def test_status_shape_when_nothing_happened(client):
     status = client.get("/api/v1/status").get_json()
-    assert set(status) == {"now", "window_seconds", "agents", "queue", "requests", "first_token_latency"}
+    assert set(status) == {"now", "window_seconds", "current_rate_seconds", "agents", "queue", "requests",
+                           "first_token_latency"}
     assert status["window_seconds"] == 300
     assert status["agents"] == [] and status["queue"] == []
     assert status["requests"] == {"by_status": {"done": 0, "failed": 0, "cancelled": 0}, "errors": {}}
@@ -153,11 +181,17 @@ def test_status_window_is_a_query_parameter(client, dbconn):
     assert wide["requests"]["by_status"]["done"] == 1
 
 
-@pytest.mark.parametrize("minutes", ["0", "61", "abc", "-5", "1.5"])
-def test_status_rejects_a_bad_window(client, minutes):
-    response = client.get(f"/api/v1/status?minutes={minutes}")
+# "²" and "１" pass str.isdigit() but not int(); 5,000 digits pass isdigit() but not int() either.
+BAD_MINUTES = ["0", "61", "abc", "-5", "1.5", "", " 5", "5 ", "0x10", "²", "１", "٣", "9" * 5000, "1e1"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/status", "/api/v1/status/series"])
+@pytest.mark.parametrize("minutes", BAD_MINUTES)
+def test_status_and_series_reject_a_bad_window_with_the_envelope(client, path, minutes):
+    response = client.get(path, query_string={"minutes": minutes})
     assert response.status_code == 400
-    assert response.get_json()["error"]["code"] == "bad_window"
+    assert response.get_json() == {"error": {
+        "code": "bad_window", "message": "minutes must be a whole number from 1 to 60"}}
 
 
 @pytest.mark.parametrize("header, expected", [
@@ -166,9 +200,10 @@ def test_status_rejects_a_bad_window(client, minutes):
     ("Basic czNjcmV0", 401),
     ("Bearer s3cret", 200),
 ])
-def test_status_needs_the_admin_token_when_one_is_configured(app, client, header, expected):
+@pytest.mark.parametrize("path", ["/api/v1/status", "/api/v1/status/series"])
+def test_status_needs_the_admin_token_when_one_is_configured(app, client, path, header, expected):
     app.config["ADMIN_TOKEN"] = "s3cret"
-    response = client.get("/api/v1/status", headers={"Authorization": header} if header else {})
+    response = client.get(path, headers={"Authorization": header} if header else {})
     assert response.status_code == expected
     if expected == 401:
         assert response.get_json()["error"]["code"] == "admin_required"
