@@ -38,10 +38,12 @@ from agent.exceptions import (
 )
 from agent.job import Job
 from protocol.signing import signed_headers
-from protocol.wire import MODELS_PATH, POLL_PATH, STREAM_PATH
+from protocol.wire import LEAVE_PATH, MODELS_PATH, POLL_PATH, STREAM_PATH
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 15.0  # a chunk POST is one short transaction; beyond this the server is in trouble
+# The goodbye at a warm stop is one UPDATE; a server slower than this must not hold up the stop.
+LEAVE_TIMEOUT = 5.0
 USER_AGENT = "ollama-orchestrator-agent/0.1"
 
 
@@ -108,6 +110,12 @@ class ServerClient:
             return bool(response.json().get("cancelled"))
         except (ValueError, AttributeError):
             return False
+
+    def leave(self, timeout: float = LEAVE_TIMEOUT) -> None:
+        """Tell the server this agent stops taking jobs (a warm stop): one attempt, no retry; raises AgentError."""
+        response = self._request("POST", LEAVE_PATH, None, timeout)
+        if response.status_code != 200:
+            raise self._error(response)
 
     def close(self) -> None:
         """Close every pooled connection."""

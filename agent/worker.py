@@ -1,7 +1,8 @@
 """The poll loop: take jobs while a slot is free, run each on its own thread, stop on signals.
 
 Shaped like rq's worker: `try: while True: ... finally: teardown()`. The first
-SIGTERM/SIGINT requests a warm stop (no new polls, running jobs get
+SIGTERM/SIGINT requests a warm stop (no new polls, the server is told the
+agent is leaving so its models stop being offered at once, running jobs get
 SHUTDOWN_TIMEOUT to finish); a second one exits at once and the server's
 leases give the jobs back.
 """
@@ -315,6 +316,7 @@ class Worker:
         try:
             if self._cold:
                 return
+            self._say_goodbye()
             if self.running_jobs:
                 log.info("%s: waiting up to %g s for %d running job(s)",
                          self.name, self.config.shutdown_timeout, self.running_jobs)
@@ -329,6 +331,18 @@ class Worker:
             log.info("%s: stopped", self.name)
         finally:
             self.client.close()
+
+    def _say_goodbye(self) -> None:
+        """Tell the server we take no more jobs, unless it never accepted us (then there is no one to tell)."""
+        if not self._answered:
+            return
+        try:
+            self.client.leave()
+        except AgentError as exc:
+            log.warning("%s: could not tell the server we are leaving (%s): it lists us as online until "
+                        "ORCH_AGENT_ONLINE_SECONDS pass", self.name, exc)
+            return
+        log.info("%s: told the server we are leaving: our models are no longer offered", self.name)
 
     def _wait_for_jobs(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

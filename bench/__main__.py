@@ -1,4 +1,4 @@
-"""`python -m bench` (`make bench ARGS=...`): latency before and after the retrofit, measured here in one run.
+"""`python -m bench` (`make bench ARGS=...`): how much time the orchestrator adds to a streamed chat.
 
 Prints the Markdown tables on stdout, writes the raw results as JSON, the
 tables as Markdown and a PNG into --out, and exits 1 if any token was lost or
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shlex
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -54,24 +56,45 @@ def _concurrency(value: str) -> tuple[int, int]:
     return chats, agents
 
 
+DESCRIPTION = """\
+Measure how much time the orchestrator adds to a streamed chat. A simulated Ollama answers every chat
+with the same timing; the same chats go straight to it (direct) and through the server and an agent in
+each configuration below, on this machine's loopback and over an emulated slow network (wan). Prints
+Markdown tables; docs/benchmark.md explains every column. About 8 minutes with the defaults."""
+
+
+def _epilog() -> str:
+    lines = ["configurations:"] + [textwrap.fill(c.help, 100, initial_indent=f"  {c.name:15} ",
+                                                   subsequent_indent=" " * 18) for c in CONFIGURATIONS.values()]
+    lines += ["", "examples:", "  python -m bench --configs after --network loopback --concurrent 0 --requests 40",
+              "  python -m bench --profile quick --network loopback --requests 3 --concurrent 0   (a minute)"]
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION, epilog=_epilog(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--profile", choices=sorted(PROFILES), default="seed",
-        help="; ".join(f"{p.name}: {p.help}" for p in PROFILES.values()) + " (default: %(default)s)")
-    add("--requests", type=int, default=10, help="sequential chats per configuration and network "
-        "(default: %(default)s)")
+        help="how the simulated model answers: " + "; ".join(f"{p.name}: {p.help}" for p in PROFILES.values())
+        + " (default: %(default)s)")
+    add("--requests", type=int, default=10, help="chats sent one after another to each configuration on each "
+        "network (default: %(default)s)")
     add("--network", type=_names(NETWORKS), default=list(NETWORKS),
-        help="comma-separated: loopback, wan (agents reach the server through the delay proxy) "
-        "(default: loopback,wan)")
-    add("--rtt", type=float, default=40.0, help="round trip of the emulated WAN, ms (default: %(default)s)")
+        help="comma-separated: loopback (agents talk to the server directly), wan (through a proxy that delays "
+        "each direction by half of --rtt) (default: loopback,wan)")
+    add("--rtt", type=float, default=40.0, help="round trip of the emulated slow network, ms "
+        "(default: %(default)s)")
     add("--configs", type=_names(list(CONFIGURATIONS)), default=list(CONFIGURATIONS),
-        help=f"comma-separated configurations (default: {','.join(CONFIGURATIONS)})")
+        help=f"comma-separated configurations to run, listed below (default: {','.join(CONFIGURATIONS)})")
     add("--variant", type=_variant, action="append", default=[], metavar="NAME=BASE:KEY=VALUE,...",
-        help="also run configuration BASE with these agent (or ORCH_* server) settings, e.g. "
+        help="also run configuration BASE with other agent (or ORCH_* server) settings under a new NAME, e.g. "
         "batch100=after+longpoll:BATCH_MAX_DELAY=0.1; repeatable")
     add("--concurrent", type=_concurrency, default=(20, 4), metavar="CHATSxAGENTS",
-        help="one batch of CHATS chats at once per configuration, over AGENTS agents; 0 = none (default: 20x4)")
+        help="then CHATS chats at once to each configuration, served by AGENTS agents; 0 skips this "
+        "(default: 20x4)")
+    add("--seed", type=int, default=None, help="seed of the random delay before each chat that makes it arrive "
+        "at a random point of the agent's poll cycle (default: a new one each run, recorded in the JSON)")
     add("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON, Markdown and PNG "
         "(default: bench/results)")
     add("--engine", choices=("sqlite", "postgres"), default="sqlite",
@@ -88,9 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
     options = RunOptions(PROFILES[args.profile], [CONFIGURATIONS[n] for n in args.configs] + args.variant,
-                         networks(args.network, args.rtt), args.requests, *args.concurrent, engine=args.engine)
-    meta = _meta(args, sys.argv[1:] if argv is None else argv)
+                         networks(args.network, args.rtt), args.requests, *args.concurrent, engine=args.engine,
+                         seed=seed)
+    meta = _meta(args, sys.argv[1:] if argv is None else argv) | {"seed": seed}
     workdir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
     started = time.monotonic()
     try:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from agent.config import DEFAULTS as AGENT_DEFAULTS
+from agent.legacy import LEGACY_POLL_INTERVAL
+
 
 @dataclass(frozen=True)
 class Claims:
@@ -32,6 +35,17 @@ class Configuration:
     def direct(self) -> bool:
         return self.server_env is None
 
+    @property
+    def poll_cycle(self) -> float:
+        """Seconds between an idle agent's polls; 0 when a chat has no poll to wait for (direct, long poll)."""
+        if self.direct:
+            return 0.0
+        if "--legacy" in self.agent_args:
+            return LEGACY_POLL_INTERVAL
+        if float(self.agent_env.get("LONG_POLL", AGENT_DEFAULTS["LONG_POLL"])) > 0:
+            return 0.0
+        return float(self.agent_env.get("POLL_INTERVAL", AGENT_DEFAULTS["POLL_INTERVAL"]))
+
 
 # The design card's retrofit: 100 ms short poll, TokenBatcher 5 tokens / 50 ms, keep-alive (the agent's
 # client always reuses connections outside --legacy), the in-process condition notifier.
@@ -44,20 +58,23 @@ LONG_POLL_SECONDS = "25"
 CONFIGURATIONS = {
     c.name: c
     for c in (
-        Configuration("direct", "the client reads the Ollama simulator itself: the floor",
+        Configuration("direct", "no orchestrator: the client reads the Ollama simulator itself (the floor)",
                       claims=Claims(1000, 20, 2980)),
-        Configuration("before", "legacy agent (--legacy: 1.5 s poll, one POST per token, a new connection per "
-                      "request) and the server's 100 ms database poll (ORCH_NOTIFIER=poll)",
+        Configuration("before", "the old agent (--legacy: asks for work every 1.5 s, one POST per token on a "
+                      "new connection) and a server that checks its database for new tokens every 100 ms",
                       {"ORCH_NOTIFIER": "poll"}, {}, ("--legacy",),
                       Claims(2720, 170, 17000)),
-        Configuration("after", "the retrofit: 100 ms poll, batches of 5 tokens / 50 ms, keep-alive, "
-                      "condition notifier", {"ORCH_NOTIFIER": "condition"}, RETROFIT_AGENT,
+        Configuration("after", "the agent asking for work every 100 ms, posting tokens in batches of up to 5 "
+                      "tokens or 50 ms (BATCH_MODE=fixed) on one kept-alive connection; the server wakes streams "
+                      "at once",
+                      {"ORCH_NOTIFIER": "condition"}, RETROFIT_AGENT,
                       claims=Claims(1220, 26, 3600)),
-        Configuration("after+longpoll", f"the retrofit with LONG_POLL={LONG_POLL_SECONDS}",
+        Configuration("after+longpoll", f"as after, but the agent's request for work waits on the server up to "
+                      f"{LONG_POLL_SECONDS} s for a job (LONG_POLL={LONG_POLL_SECONDS})",
                       {"ORCH_NOTIFIER": "condition"}, {**RETROFIT_AGENT, "LONG_POLL": LONG_POLL_SECONDS},
                       claims=Claims(ttft_ms=1000)),
-        Configuration("adaptive", "after+longpoll with BATCH_MODE=adaptive (post as soon as no POST is in "
-                      "flight)", {"ORCH_NOTIFIER": "condition"},
+        Configuration("adaptive", "as after+longpoll, but the agent posts each token as soon as no POST is "
+                      "under way (BATCH_MODE=adaptive, its default)", {"ORCH_NOTIFIER": "condition"},
                       {**RETROFIT_AGENT, "LONG_POLL": LONG_POLL_SECONDS, "BATCH_MODE": "adaptive"}),
     )
 }

@@ -5,10 +5,18 @@ delay proxy and agents, so per-request CPU samples of its processes are its
 own. The simulator is shared. Sequential chats go round-robin over the cells
 (A B C A B C ...) so machine noise hits all alike; then each cell gets one
 concurrent batch, served by agents started for it.
+
+Every chat (and every concurrent batch) to a short-polling cell is sent after
+a random part of its agent's poll cycle (the poll interval plus the network's
+round trip), so it arrives at a random point of that cycle. Without it the arrivals were phase-locked: an agent polls again
+the moment its job ends, and the cell's next chat came a nearly fixed time
+later (the other cells' chats take nearly fixed times), so with the 100 ms poll
+every pickup measured 77-95 ms instead of anything from 0 to 100 ms.
 """
 from __future__ import annotations
 
 import math
+import random
 import sys
 import threading
 import time
@@ -39,6 +47,7 @@ class RunOptions:
     concurrent_chats: int = 20
     concurrent_agents: int = 4
     engine: str = "sqlite"        # or postgres: a throwaway cluster, one database per cell
+    seed: int = 0                 # of the arrival phases: the same seed sends every chat after the same delay
 
 
 @dataclass
@@ -120,6 +129,7 @@ class BenchRun:
         self.cells = [Cell(c, options.networks[0]) for c in options.configs if c.direct]
         self.cells += [Cell(c, n) for n in options.networks for c in options.configs if not c.direct]
         self._agent_count = 0
+        self._phases = random.Random(options.seed)
 
     def __enter__(self) -> BenchRun:
         return self
@@ -226,8 +236,18 @@ class BenchRun:
             return stream_ollama(self.simulator_url, payload)
         return stream_chat(cell.server.url, payload)
 
+    def _random_phase(self, cell: Cell) -> None:
+        """Wait a uniformly random part of the cell's poll cycle (see the module's docstring).
+
+        The cycle is the poll interval plus the poll's round trip: 100 ms polls on the 40 ms WAN reach the
+        server every ~140 ms, and a delay over only 100 ms of that would leave a third of the cycle unsampled.
+        """
+        if cell.config.poll_cycle:
+            time.sleep(self._phases.uniform(0, cell.config.poll_cycle + cell.network.rtt_ms / 1000))
+
     def _sequential_chat(self, cell: Cell, round_no: int) -> tuple[ChatResult, Window | None]:
         tag = f"{cell.key}#{round_no}"
+        self._random_phase(cell)
         cpu_before = self._open_window(cell)
         trace = self._chat(cell, tag)
         time.sleep(self._settle(cell))
@@ -250,6 +270,7 @@ class BenchRun:
         threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
         for thread in threads:
             thread.start()
+        self._random_phase(cell)
         cpu_before = self._open_window(cell)
         started = time.time()
         go.wait()

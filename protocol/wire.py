@@ -7,3 +7,5 @@ POLL_PATH = "/api/v1/inference/poll"
 STREAM_PATH = "/api/v1/inference/stream"
 # POST: what the agent's Ollama reports of its models (protocol.models).
 MODELS_PATH = "/api/v1/inference/models"
+# POST, no body: the agent is leaving (a warm stop): it takes no more jobs and is not offered as online.
+LEAVE_PATH = "/api/v1/inference/leave"

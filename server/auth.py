@@ -38,8 +38,8 @@ def verify_agent() -> str:
     skew = current_app.config["SIGNATURE_SKEW"]
     # In integer nanoseconds: a timestamp of hundreds of digits overflowed a float subtraction (a 500).
     if abs(time.time_ns() - sent_at * 1_000_000_000) > skew * 1e9:
-        raise Unauthorized(f"X-Agent-Timestamp is more than {skew:g} s from the server's clock",
-                           code="stale_timestamp")
+        raise Unauthorized(f"X-Agent-Timestamp is more than {skew:g} s from the server's clock (ORCH_SIGNATURE_SKEW):"
+                           " synchronise this host's clock (NTP)", code="stale_timestamp")
     secret = agents.secret_for(get_db(), agent_id)
     # One message for unknown agents and bad signatures: don't reveal which ids exist.
     if secret is None or not signing.verify(secret, signature, request.method, _path_and_query(), timestamp,

@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 from flask import request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
@@ -36,14 +37,23 @@ def json_object(*, any_content_type: bool = False) -> dict[str, Any]:
 
 def raw_body() -> bytes:
     """The body's bytes, or 413 when it is larger than ``MAX_CONTENT_LENGTH``, chunked or not."""
-    raw = request.get_data(cache=True)    # 413 at once for a Content-Length over the limit
     limit = request.max_content_length
+    try:
+        raw = request.get_data(cache=True)    # 413 at once for a Content-Length over the limit
+    except RequestEntityTooLarge:
+        raise too_large(limit) from None
     # A chunked body has no Content-Length: Werkzeug stops reading at the limit
     # and returns a silently truncated body; one byte more means it was too large.
     if limit is not None and request.content_length is None and len(raw) >= limit:
         if request.environ["wsgi.input"].read(1):
-            raise PayloadTooLarge(f"the body is larger than {limit} bytes", code="request_entity_too_large")
+            raise too_large(limit)
     return raw
+
+
+def too_large(limit: int | None) -> PayloadTooLarge:
+    """The 413, naming the limit and the setting that sets it (Werkzeug's says only "exceeds the capacity limit")."""
+    return PayloadTooLarge(f"the body is larger than {limit} bytes, the server's limit (ORCH_MAX_BODY_BYTES)",
+                           code="request_entity_too_large")
 
 
 def _no_constant(name: str) -> Any:

@@ -3,6 +3,7 @@
     GET  /api/v1/inference/poll    a job (200) or nothing (204); ?models=a,b&slots=N&wait=S&kinds=...
     POST /api/v1/inference/stream  a batch of one job's chunks, a heartbeat, or its end
     POST /api/v1/inference/models  what the agent's Ollama says of its models (for /api/show, /api/ps)
+    POST /api/v1/inference/leave   the agent is stopping: no more jobs, not online from now on
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from werkzeug.datastructures import MultiDict
 from protocol import deltas
 from protocol.deltas import STATS_FIELDS, Delta
 from protocol.models import KINDS, LEGACY_KINDS, canonical_model
-from protocol.wire import MODELS_PATH, POLL_PATH, STREAM_PATH
+from protocol.wire import LEAVE_PATH, MODELS_PATH, POLL_PATH, STREAM_PATH
 
 from . import body, reports
 from .auth import agent_required
@@ -68,9 +69,13 @@ class ChunkPost:
 def poll():
     app = current_app._get_current_object()
     params = poll_params(request.args, app.config["MAX_LONG_POLL"])
-    job, models = _claim(app, g.agent_id, params)
-    if job is None and params.takes_jobs and params.wait > 0:
-        job = _wait_for_job(app, g.agent_id, models, params)
+    started = time.time()
+    try:
+        job, models = _claim(app, g.agent_id, params, started)
+        if job is None and params.takes_jobs and params.wait > 0:
+            job = _wait_for_job(app, g.agent_id, models, params, started)
+    except agents.AgentLeft:
+        job = None  # the agent said goodbye while this poll was parked: it wants no job from it
     if job is None:
         return app.response_class(status=204)
     return jsonify(job.to_json())
@@ -110,14 +115,18 @@ def _query_number(args: MultiDict, name: str, default, parse):
         raise BadRequest(f"'{name}' must be {kind}, got {raw!r}", code="invalid_query") from None
 
 
-def _claim(app: Flask, agent_id: str, params: PollParams) -> tuple[jobs.Job | None, list[str] | None]:
-    """Record the agent's presence and claim one job, in one transaction; returns the job and its models."""
+def _claim(app: Flask, agent_id: str, params: PollParams,
+           started: float) -> tuple[jobs.Job | None, list[str] | None]:
+    """Record the agent's presence and claim one job, in one transaction; returns the job and its models.
+
+    Raises AgentLeft if the agent said goodbye after the poll ``started``.
+    """
     cfg, conn, now = app.config, get_db(), time.time()
     # An empty list is not remembered: stored, it would read as "never declared", which serves any model.
     declared = params.models or None
     try:
         with conn.transaction():
-            models = agents.touch(conn, agent_id, now, declared, params.slots, params.kinds)
+            models = agents.touch(conn, agent_id, now, declared, params.slots, params.kinds, poll_started=started)
             job = jobs.claim_job(conn, agent_id, models, now, cfg["DELIVERY_LEASE_SECONDS"],
                                  cfg["LEASE_SECONDS"], params.runs) if params.takes_jobs else None
     finally:
@@ -126,7 +135,8 @@ def _claim(app: Flask, agent_id: str, params: PollParams) -> tuple[jobs.Job | No
     return job, models
 
 
-def _wait_for_job(app: Flask, agent_id: str, models: list[str] | None, params: PollParams) -> jobs.Job | None:
+def _wait_for_job(app: Flask, agent_id: str, models: list[str] | None, params: PollParams,
+                  started: float) -> jobs.Job | None:
     """Park until a job for ``models`` is announced, then claim it; None at the deadline or shutdown.
 
     Only this greenlet waits: no connection, no transaction.  With
@@ -140,7 +150,7 @@ def _wait_for_job(app: Flask, agent_id: str, models: list[str] | None, params: P
     while not notifier.closed:
         # Versions before the claim: a job announced in between ends the wait at once.
         versions = {key: notifier.version(key) for key in keys}
-        job, _ = _claim(app, agent_id, params)
+        job, _ = _claim(app, agent_id, params, started)
         # A claim after the deadline too: a wake-up this poll took must not be lost with it.
         remaining = deadline - time.monotonic()
         if job is not None or remaining <= 0:
@@ -150,6 +160,19 @@ def _wait_for_job(app: Flask, agent_id: str, models: list[str] | None, params: P
         else:
             notifier.wait_any(versions, remaining)
     return None
+
+
+# --- leave ------------------------------------------------------------------
+
+@bp.post(LEAVE_PATH)
+@agent_required
+def leave():
+    """The agent is stopping (SIGTERM): its models stop being offered at once; its running jobs may still post.
+
+    No body (one sent is ignored, though signed like any other). Its next poll makes it online again.
+    """
+    agents.leave(get_db(), g.agent_id, time.time())
+    return jsonify(ok=True)
 
 
 # --- stream -----------------------------------------------------------------

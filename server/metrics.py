@@ -119,8 +119,8 @@ class DatabaseCollector:
         yield depth
 
         totals = stats.agent_totals(conn, now, self.online_window)
-        yield GaugeMetricFamily("orchestrator_agents_online", "Agents that polled or posted within AGENT_ONLINE_SECONDS.",
-                                value=totals["online"])
+        yield GaugeMetricFamily("orchestrator_agents_online", "Agents that polled or posted within "
+                                "AGENT_ONLINE_SECONDS and have not said they are leaving.", value=totals["online"])
         yield CounterMetricFamily("orchestrator_tokens_streamed", "Tokens (chunks) agents have streamed in.",
                                   value=totals["tokens_streamed"])
         yield CounterMetricFamily("orchestrator_jobs_done", "Jobs agents have finished.", value=totals["jobs_done"])

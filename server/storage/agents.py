@@ -6,10 +6,12 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from protocol.models import CHAT, LEGACY_KINDS, canonical_model
 
+from ..config import DEFAULTS
 from ..errors import Unauthorized
 from .base import Connection
 
@@ -41,21 +43,38 @@ def secret_for(conn: Connection, agent_id: str) -> str | None:
     return row[0] if row else None
 
 
-def touch(conn: Connection, agent_id: str, now: float, models: list[str] | None = None,
-          slots: int | None = None, kinds: list[str] | None = None) -> list[str] | None:
-    """Record that the agent was seen, and what it declared; returns its models (None: serves any).
+# The one definition of "online", in SQL: not removed, not gone (SIGTERM), seen within the window.
+ONLINE_SQL = "removed_at IS NULL AND left_at IS NULL AND last_seen >= ?"
+_COLUMNS = "id, name, last_seen, models, slots, jobs_done, tokens_streamed, created_at, removed_at, left_at"
 
-    One statement: a poll that omits ``models`` gets the remembered list back
-    from it; ``kinds`` is what this poll said (None: an older agent).  Raises
-    Unauthorized if the agent was removed meanwhile (a parked poll).
+
+class AgentLeft(Exception):
+    """The agent said it was leaving after this poll began: the poll must end without a job."""
+
+
+def touch(conn: Connection, agent_id: str, now: float, models: list[str] | None = None,
+          slots: int | None = None, kinds: list[str] | None = None,
+          poll_started: float | None = None) -> list[str] | None:
+    """Record a poll: the agent was seen, what it declared, and that it serves (again, if it had left).
+
+    Returns its models (None: serves any). One statement: a poll that omits
+    ``models`` gets the remembered list back from it; ``kinds`` is what this
+    poll said (None: an older agent).  Raises Unauthorized if the agent was
+    removed meanwhile, and AgentLeft if it said it was leaving after
+    ``poll_started`` (a long poll still parked from before its goodbye).
     """
-    active = "WHERE id = ? AND removed_at IS NULL RETURNING models"
+    started = now if poll_started is None else poll_started
     declared = None if models is None else json.dumps(models)
-    row = conn.execute(f"UPDATE agents SET last_seen = ?, models = coalesce(?, models), slots = coalesce(?, slots),"
-                       f" kinds = ? {active}",
-                       (now, declared, slots, None if kinds is None else json.dumps(kinds), agent_id)).fetchone()
+    # A goodbye newer than this poll stays; an older one is undone: the agent polls, so it serves again.
+    row = conn.execute(
+        "UPDATE agents SET last_seen = ?, models = coalesce(?, models), slots = coalesce(?, slots), kinds = ?,"
+        " left_at = CASE WHEN left_at >= ? THEN left_at ELSE NULL END"
+        " WHERE id = ? AND removed_at IS NULL RETURNING models, left_at",
+        (now, declared, slots, None if kinds is None else json.dumps(kinds), started, agent_id)).fetchone()
     if row is None:
         raise Unauthorized("this agent was removed", code="bad_signature")
+    if row[1] is not None:
+        raise AgentLeft(agent_id)
     return json.loads(row[0]) or None
 
 
@@ -67,25 +86,56 @@ def store_report(conn: Connection, agent_id: str, report: dict[str, Any], now: f
 
 def reports(conn: Connection, now: float, window: float) -> list[dict[str, Any]]:
     """The model reports of agents online within ``window`` seconds, the freshest first."""
-    rows = conn.execute("SELECT report FROM agents WHERE removed_at IS NULL AND last_seen >= ? AND report IS NOT NULL"
+    rows = conn.execute(f"SELECT report FROM agents WHERE {ONLINE_SQL} AND report IS NOT NULL"
                         " ORDER BY reported_at DESC", (now - window,)).fetchall()
     return [json.loads(row[0]) for row in rows]
 
 
+def leave(conn: Connection, agent_id: str, now: float) -> None:
+    """Record the agent's goodbye: it takes no more jobs, and is not online from now on (its running jobs
+    may still post). Its next poll undoes this."""
+    conn.execute("UPDATE agents SET last_seen = ?, left_at = ? WHERE id = ? AND removed_at IS NULL",
+                 (now, now, agent_id))
+
+
+class AgentState(StrEnum):
+    """What operators see: serving, stopped cleanly, silent past the online window, or revoked."""
+
+    ONLINE = "online"
+    LEFT = "left"
+    OFFLINE = "offline"
+    REMOVED = "removed"
+
+
 def online(conn: Connection, now: float, window: float) -> list[dict[str, Any]]:
-    """Active agents seen within ``window`` seconds, without their secrets; ``kinds`` is what each runs."""
+    """Agents that serve now (polled or posted within ``window`` seconds, not gone), without their secrets;
+    ``kinds`` is what each runs."""
     rows = conn.execute(
         "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed, kinds FROM agents"
-        " WHERE removed_at IS NULL AND last_seen >= ? ORDER BY name", (now - window,)).fetchall()
+        f" WHERE {ONLINE_SQL} ORDER BY name", (now - window,)).fetchall()
     return [_public(r[:7]) | {"kinds": json.loads(r[7]) if r[7] else list(LEGACY_KINDS)} for r in rows]
 
 
-def list_agents(conn: Connection) -> list[dict[str, Any]]:
-    """Every registered agent (removed ones too), without secrets."""
-    rows = conn.execute(
-        "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed, created_at, removed_at"
-        " FROM agents ORDER BY created_at").fetchall()
-    return [_public(r[:7]) | {"created_at": r[7], "removed_at": r[8]} for r in rows]
+def list_agents(conn: Connection, now: float | None = None, window: float | None = None) -> list[dict[str, Any]]:
+    """Every registered agent (removed ones too) with its ``state`` (online within ``window`` seconds of
+    ``now``, by default the server's ``AGENT_ONLINE_SECONDS`` before the present), without secrets."""
+    now = time.time() if now is None else now
+    window = DEFAULTS["AGENT_ONLINE_SECONDS"] if window is None else window
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM agents ORDER BY created_at, id").fetchall()
+    return [_described(r, now, window) for r in rows]
+
+
+def _described(row: tuple, now: float, window: float) -> dict[str, Any]:
+    agent = _public(row[:7]) | {"created_at": row[7], "removed_at": row[8], "left_at": row[9]}
+    if agent["removed_at"] is not None:
+        state = AgentState.REMOVED
+    elif agent["left_at"] is not None:
+        state = AgentState.LEFT
+    elif agent["last_seen"] is not None and agent["last_seen"] >= now - window:
+        state = AgentState.ONLINE
+    else:
+        state = AgentState.OFFLINE
+    return agent | {"state": state.value, "online": state is AgentState.ONLINE}
 
 
 def name_of(conn: Connection, agent_id: str) -> str | None:
@@ -144,15 +194,7 @@ def current_token_rates(conn: Connection, now: float, window: float = CURRENT_RA
 
 
 def overview(conn: Connection, now: float, online_window: float) -> list[dict[str, Any]]:
-    """Every active agent for operators: presence, declared models and slots, work done, recent rate."""
+    """Every agent for operators, removed ones too: state, declared models and slots, work done, recent rate."""
     rates = token_rates(conn, now)
-    rows = conn.execute(
-        "SELECT id, name, last_seen, models, slots, jobs_done, tokens_streamed FROM agents"
-        " WHERE removed_at IS NULL ORDER BY name, id").fetchall()
-    listed = []
-    for row in rows:
-        agent = _public(row)
-        agent["online"] = agent["last_seen"] is not None and agent["last_seen"] >= now - online_window
-        agent["tokens_per_second"] = rates.get(agent["id"], 0.0)
-        listed.append(agent)
-    return listed
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM agents ORDER BY name, id").fetchall()
+    return [_described(row, now, online_window) | {"tokens_per_second": rates.get(row[0], 0.0)} for row in rows]

@@ -37,8 +37,11 @@ def available(directory: Path) -> list[Migration]:
             raise MigrationError(f"badly named migration file: {path.name} (want NNNN_name.sql)")
         found.append(Migration(int(match.group(1)), path.name, path.read_text()))
     numbers = [m.number for m in found]
-    if numbers != list(range(1, len(found) + 1)):
-        raise MigrationError(f"migrations must be numbered 1..N without gaps, found {numbers}")
+    # Gaps are allowed: numbers are reserved for branches worked on in parallel (layout.md), and a
+    # branch carrying 0005 must run before 0003 and 0004 land. Two files with one number are not.
+    repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+    if repeated or 0 in numbers:
+        raise MigrationError(f"migration numbers must be unique and start at 1, found {numbers}")
     return found
 
 
@@ -76,12 +79,22 @@ def _pending(storage: Storage, conn: Connection, directory: Path | None) -> list
 
 
 def migrate(storage: Storage, directory: Path | None = None) -> list[str]:
-    """Apply pending migrations in order; returns the names applied (empty if current)."""
+    """Apply pending migrations in order; returns the names applied here (empty if current).
+
+    Safe when several processes start on one new database at once (hosts, gunicorn workers): each
+    migration is applied under the engine's lock, after checking again that no other process applied it.
+    """
     names = []
     with storage.connection() as conn:
+        with conn.transaction():
+            storage.lock_migrations(conn)
+            conn.execute(_RECORD_TABLE)
         for migration in _pending(storage, conn, directory):
             statements = storage.split_statements(migration.sql)
             with conn.transaction():
+                storage.lock_migrations(conn)
+                if conn.execute("SELECT 1 FROM migrations WHERE name = ?", (migration.name,)).fetchone():
+                    continue            # another process applied it while we waited
                 for statement in statements:
                     conn.execute(statement)
                 conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)",

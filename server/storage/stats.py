@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .agents import ONLINE_SQL
 from .base import Connection
 
 # Latency percentiles come from the newest finished jobs only, so one status
@@ -86,8 +87,7 @@ def first_token_wait(conn: Connection, job_id: str) -> float | None:
 
 def agent_totals(conn: Connection, now: float, online_window: float) -> dict[str, int]:
     """Agents online now, and the tokens and jobs all agents have streamed and finished."""
-    online = conn.execute("SELECT count(*) FROM agents WHERE removed_at IS NULL AND last_seen >= ?",
-                          (now - online_window,)).fetchone()[0]
+    online = conn.execute(f"SELECT count(*) FROM agents WHERE {ONLINE_SQL}", (now - online_window,)).fetchone()[0]
     tokens, jobs = conn.execute("SELECT coalesce(sum(tokens_streamed), 0), coalesce(sum(jobs_done), 0)"
                                 " FROM agents").fetchone()
     return {"online": online, "tokens_streamed": tokens, "jobs_done": jobs}

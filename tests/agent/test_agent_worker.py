@@ -87,6 +87,7 @@ class FakeClient:
         self.legacy_posts: list[tuple[str, str, bool, str | None]] = []
         self.cancelled: set[str] = set()
         self.reports: list[dict] = []
+        self.left: list[int] = []   # how many POSTs had been made when the agent said goodbye
         self.lock = threading.Lock()
 
     def poll(self, models, slots, wait=0, kinds=None):
@@ -111,6 +112,10 @@ class FakeClient:
 
     def report(self, report: dict) -> None:
         self.reports.append(report)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.left.append(len(self.posts))
 
     def close(self) -> None:
         pass
@@ -265,6 +270,30 @@ def test_a_warm_stop_lets_the_running_job_finish_and_stops_polling(run_worker):
     gate.set()
     assert wait_until(lambda: client.final("j1"), message="the job finished").error is None
     assert len(client.polls) == polls and "never-taken" in {a.id for a in client.answers}
+
+
+def test_a_warm_stop_tells_the_server_at_once_before_the_running_job_ends(run_worker):
+    gate = threading.Event()
+    backend = FakeBackend()
+    backend.answers = {"slow": FakeStream(["finished"], gate=gate)}
+    client = FakeClient(job("j1", "slow"))
+    worker = run_worker(client, backend)
+    wait_until(lambda: worker.running_jobs == 1, message="the job running")
+    worker.request_stop()
+    wait_until(lambda: client.left, message="the goodbye")
+    assert client.final("j1") is None  # said while the job still runs: its models go at once
+    gate.set()
+    wait_until(lambda: client.final("j1"), message="the job finished")
+    assert len(client.left) == 1
+
+
+def test_an_agent_the_server_never_answered_says_no_goodbye(run_worker):
+    client = FakeClient(*[TransportError("connection refused")] * 1000)
+    worker = run_worker(client)
+    wait_until(lambda: len(client.polls) >= 3, message="a few failed polls")
+    worker.request_stop()
+    wait_until(lambda: not worker._loop_thread.is_alive(), message="the stop")
+    assert client.left == []
 
 
 def test_jobs_still_running_at_the_shutdown_deadline_end_with_an_error(run_worker):

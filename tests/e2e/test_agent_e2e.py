@@ -156,3 +156,28 @@ def test_a_server_outage_mid_stream_loses_and_duplicates_nothing(live_server, si
         EventStream(resumed, answer).read()
     assert answer.done, answer.error
     assert answer.ids == list(range(tokens)) and answer.text == expected("survive this", tokens)
+
+
+def test_a_stopping_agents_models_are_withdrawn_at_once_while_its_running_job_finishes(live_server, simulator,
+                                                                                        start_agent):
+    agent = start_agent(live_server, simulator.url, "leaving", LONG_POLL=30)
+
+    def listed() -> tuple[list[str], str]:
+        models = requests.get(live_server.url + "/api/v1/models", timeout=5).json()["models"]
+        agents = requests.get(live_server.url + "/api/v1/agents", timeout=5).json()["agents"]
+        return [m["name"] for m in models], next(a["state"] for a in agents if a["id"] == agent.creds.id)
+
+    assert listed() == (["sim:latest"], "online")
+    with start_chat(live_server, "one more answer", sim_tokens=150, sim_interval_ms=20) as response:
+        events = EventStream(response)
+        events.read(stop_after=1)
+        agent.proc.send_signal(signal.SIGTERM)
+        # Without the goodbye the agent stayed listed for ORCH_AGENT_ONLINE_SECONDS (60 s).
+        wait_until(lambda: listed() == ([], "left"), 15, 0.05, "the agent's models to be withdrawn")
+        refused = requests.post(live_server.url + "/api/v1/chat/stream", timeout=5,
+                                json={"model": "sim", "messages": [{"role": "user", "content": "hi"}]})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (404, "model_not_found")
+        answer = events.read()
+    assert answer.done and answer.text == expected("one more answer", 150)
+    assert agent.proc.wait(30) == 0
+    assert "told the server we are leaving" in agent.log() and "Traceback" not in agent.log()

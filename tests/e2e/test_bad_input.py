@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from devtools.processes import LiveServer
+from server.config import DEFAULTS
 from server.storage import jobs, migrated
 from tests.signed import sign
 from tests.stack import stored_rows
@@ -304,5 +305,9 @@ def test_bad_input_gets_a_4xx_in_the_endpoints_shape_stores_nothing_and_logs_no_
     status, content_type, body = stack.send(case)
     assert status == case.status, body[:300]
     assert_error_shape(case.endpoint.shape, content_type, body)
+    if status == 413:   # the limit and the setting that sets it, whatever the door and however the body came
+        error = json.loads(body)["error"]
+        message = error if isinstance(error, str) else error["message"]
+        assert f"{DEFAULTS['MAX_BODY_BYTES']} bytes" in message and "ORCH_MAX_BODY_BYTES" in message, message
     assert stack.stored() == before
     assert "Traceback" not in stack.server.log()[log_start:]

@@ -12,11 +12,13 @@ import sys
 import pytest
 
 from bench.client import Token, Trace, stream_ollama
-from bench.configs import CONFIGURATIONS
+from bench.configs import CONFIGURATIONS, networks, variant
 from bench.logs import AccessLog
 from bench.metrics import SUMMARY_FIELDS, ChatResult, measure_chat
 from bench.processes import launch_proxy
 from bench.report import COST_COLUMNS, LATENCY_COLUMNS
+from bench.runner import BenchRun, RunOptions
+from bench.workload import PROFILES
 from devtools.processes import ROOT
 from sim.tokens import expected_text
 
@@ -144,3 +146,41 @@ def test_the_scaling_benchmark_runs_a_level_and_loses_nothing(tmp_path, setup, r
     assert level["added_p50_ms"] is not None and level["server_cpu_ms_per_token"] > 0
     assert (level["database_cpu_ms_per_token"] > 0) == ("postgres" in setup)
     assert "| tokens/s |" in done.stdout
+
+
+# --- arrival phase and help -------------------------------------------------------
+
+def test_the_poll_cycle_each_configuration_waits_out_on_average_half_of():
+    cycles = {name: config.poll_cycle for name, config in CONFIGURATIONS.items()}
+    assert cycles == {"direct": 0.0, "before": 1.5, "after": 0.1, "after+longpoll": 0.0, "adaptive": 0.0}
+    assert variant("slow=after:POLL_INTERVAL=0.5").poll_cycle == 0.5
+    assert variant("held=after:LONG_POLL=10").poll_cycle == 0.0
+
+
+def test_chats_are_sent_at_a_random_reproducible_point_of_the_poll_cycle(tmp_path, monkeypatch):
+    def delays(seed: int, network: str = "loopback") -> list[float]:
+        slept: list[float] = []
+        monkeypatch.setattr("bench.runner.time.sleep", slept.append)
+        run = BenchRun(RunOptions(PROFILES["quick"], list(CONFIGURATIONS.values()), networks([network], 40),
+                                  seed=seed), tmp_path)
+        for cell in run.cells * 50:
+            run._random_phase(cell)
+        return slept
+
+    first = delays(7)
+    assert len(first) == 100                          # 50 rounds of before and after; none for the others
+    before, after = first[0::2], first[1::2]
+    assert all(0 <= d < 1.5 for d in before) and all(0 <= d < 0.1 for d in after)
+    assert max(after) - min(after) > 0.05             # spread over the cycle, not one fixed point
+    assert delays(7) == first and delays(8) != first  # the seed decides
+    # On the WAN a poll cycle is the interval plus the 40 ms round trip.
+    assert all(0 <= d < 0.14 for d in delays(7, "wan")[1::2]) and max(delays(7, "wan")[1::2]) > 0.1
+
+
+def test_help_speaks_plainly():
+    help_text = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=60).stdout
+    for word in ("retrofit", "diagnosis", "design card", "the card"):
+        assert word not in help_text.lower(), word
+    for name, config in CONFIGURATIONS.items():
+        assert name in help_text and config.help.split()[0] in help_text

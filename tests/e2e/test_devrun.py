@@ -1,6 +1,7 @@
 """`make run`: server, simulator and agent come up, the printed curl line streams an answer, Ctrl-C stops all."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -37,6 +38,15 @@ def test_devrun_prints_a_curl_line_that_streams_an_answer_and_ctrl_c_stops_every
             body = requests.post(argv[2], data=argv[argv.index("-d") + 1], timeout=60,
                                  headers={"Content-Type": "application/json"}).text
         assert body.startswith("id: 0\ndata: {\"delta\": ") and body.endswith("data: [DONE]\n\n"), body
+
+        # The printed CLI line lists make run's own database: its agent, online, with 4 slots.
+        inspect = next(x for x in output if x.startswith("Inspect the agents: ")).split(": ", 1)[1]
+        assert f"--db {tmp_path / 'orchestrator.db'}" in inspect
+        listed = subprocess.run([*shlex.split(inspect), "--json"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        local = json.loads(listed.stdout)[0]
+        assert (local["name"], local["state"], local["slots"]) == ("local", "online", 4)
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(60) == 0

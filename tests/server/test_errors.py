@@ -38,10 +38,12 @@ def test_malformed_bodies_get_the_envelope(client, dbconn, body, content_type, s
     assert dbconn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 
-def test_oversized_body_is_a_json_413(client, app, dbconn):
+def test_oversized_body_is_a_json_413_naming_the_limit_and_its_setting(client, app, dbconn):
     big = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * (app.config["MAX_BODY_BYTES"] + 10) + b'"}]}'
     response = client.post("/api/v1/chat/stream", data=big, headers={"Content-Type": "application/json"})
     assert_envelope(response, 413)
+    assert response.get_json()["error"]["message"] == \
+        f"the body is larger than {app.config['MAX_BODY_BYTES']} bytes, the server's limit (ORCH_MAX_BODY_BYTES)"
     assert dbconn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
 
 

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
 
 from devtools.processes import wait_until
-from server.notifier import ANY_MODEL_KEY, job_key, queue_key
+from server.notifier import job_key, queue_key
 from server.storage import agents, chunks, get_storage, jobs, migrated
-from tests.signed import agent_get, agent_post, sign
+from tests.signed import BackgroundPoll, agent_get, agent_post, parked, sign
 
 pytestmark = pytest.mark.engines("sqlite", "postgres")
 
@@ -64,27 +63,6 @@ def running_job(app, client, dbconn, agent_creds) -> str:
     return job_id
 
 
-class BackgroundPoll:
-    """A long poll in a thread, with its own test client."""
-
-    def __init__(self, app, creds, query: str) -> None:
-        self.response = None
-        self._thread = threading.Thread(target=self._run, args=(app, creds, f"{POLL}?{query}"), daemon=True)
-        self._thread.start()
-
-    def _run(self, app, creds, path):
-        self.response = agent_get(app.test_client(), creds, path)
-
-    def result(self):
-        self._thread.join(15)
-        assert self.response is not None, "the long poll did not answer"
-        return self.response
-
-
-def parked(app, key=ANY_MODEL_KEY, count=1) -> None:
-    wait_until(lambda: get_storage(app).notifier.waiting(key) == count, message=f"{count} poll(s) parked on {key}")
-
-
 # --- signatures -------------------------------------------------------------
 
 @pytest.mark.parametrize("missing", ["X-Agent-Id", "X-Agent-Timestamp", "X-Agent-Signature"])
@@ -136,6 +114,8 @@ def test_timestamp_must_be_within_the_skew_of_the_server_clock(client, agent_cre
     assert response.status_code == status
     if status == 401:
         assert error_code(response) == "stale_timestamp"
+        assert "more than 60 s" in response.get_json()["error"]["message"]
+        assert "ORCH_SIGNATURE_SKEW" in response.get_json()["error"]["message"]
 
 
 @pytest.mark.parametrize("app_config", [{"SIGNATURE_SKEW": 5}])

@@ -28,7 +28,8 @@ from schemathesis.core.parameters import ParameterLocation  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 METHODS = {"get", "post", "put", "patch", "delete"}
-AGENT_PATHS = {"/api/v1/inference/poll", "/api/v1/inference/stream", "/api/v1/inference/models"}
+AGENT_PATHS = {"/api/v1/inference/poll", "/api/v1/inference/stream", "/api/v1/inference/models",
+               "/api/v1/inference/leave"}
 # The catch-all that gives OpenAI clients OpenAI's 404 on unknown paths: a fuzzed `{path}` of
 # "models" is the real /v1/models, which answers 200; no schema can say "any path but those".
 NOT_FUZZED = r"^/v1/\{path\}$"
