@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from flask import request
@@ -10,6 +11,13 @@ from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 # Deeper nesting than any valid body of ours: refuse before recursing into it.
 MAX_DEPTH = 32
+# Model names: Ollama's longest real ones are under 100 characters; each becomes a queue key and a log word.
+# No control characters (C0, DEL, C1) and no line or paragraph separators: a name is one line of a log.
+# docs/openapi.yaml states the same rule as a pattern.
+MAX_MODEL_NAME = 200
+_MODEL_NAME = re.compile(rf"[^\x00-\x1f\x7f-\x9f\u2028\u2029]{{1,{MAX_MODEL_NAME}}}")
+# Chunk numbers (seq, Last-Event-ID, ?after=) fit SQLite's and PostgreSQL's integers with room to spare.
+MAX_SEQ = 2**31
 
 
 def json_object() -> dict[str, Any]:
@@ -60,7 +68,22 @@ def text(value: Any, name: str, *, allow_empty: bool = False) -> str:
     return value
 
 
-def integer(value: Any, name: str, *, minimum: int = 0, maximum: int = 2**31) -> int:
+def is_model_name(value: str) -> bool:
+    """Whether ``value`` is a model name: 1 to ``MAX_MODEL_NAME`` characters, no control characters or line breaks."""
+    return _MODEL_NAME.fullmatch(value) is not None
+
+
+def model_name(value: Any, name: str = "model") -> str:
+    """A model name from a chat body (the rule of agents' model lists too), or BadRequest."""
+    model = text(value, name)
+    if not is_model_name(model):
+        raise BadRequest(f"'{name}' must be a name of at most {MAX_MODEL_NAME} characters without control "
+                         "characters or line breaks",
+                         code="invalid_field")
+    return model
+
+
+def integer(value: Any, name: str, *, minimum: int = 0, maximum: int = MAX_SEQ) -> int:
     # bool is an int subclass: True must not pass as 1.
     if not isinstance(value, int) or isinstance(value, bool):
         raise BadRequest(f"'{name}' must be an integer", code="invalid_field")
@@ -76,10 +99,13 @@ def boolean(value: Any, name: str) -> bool:
 
 
 def mapping(value: Any, name: str) -> dict[str, Any]:
+    """A JSON object that can be stored as UTF-8, keys and nested strings included."""
     if not isinstance(value, dict):
         raise BadRequest(f"'{name}' must be a JSON object", code="invalid_field")
     try:
-        json.dumps(value).encode("utf-8")
+        # ensure_ascii=False: the default escapes a lone surrogate as \\ud800, which encodes fine here
+        # and then fails when the job is stored (a 500).
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (UnicodeEncodeError, ValueError):
         raise BadRequest(f"'{name}' holds invalid Unicode", code="invalid_field") from None
     return value

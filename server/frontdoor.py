@@ -55,7 +55,7 @@ def validate_chat(payload: dict[str, Any]) -> tuple[str, list[dict[str, str]], d
     """``(model, messages, options)`` from a chat body, or BadRequest; unknown keys are ignored."""
     if payload.get("model") is None:
         raise BadRequest("'model' is required", code="invalid_field")
-    model = body.text(payload["model"], "model")
+    model = body.model_name(payload["model"])
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of {role, content} objects", code="invalid_field")

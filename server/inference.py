@@ -24,7 +24,6 @@ from .storage import agents, chunks, close_db, get_db, get_storage, jobs
 bp = Blueprint("inference", __name__)
 
 MAX_MODELS = 100
-MAX_MODEL_NAME = 200
 MAX_SLOTS = 1000
 # Ollama's final-line fields kept as a job's stats; other keys are dropped.
 STATS_FIELDS = ("done_reason", "eval_count", "eval_duration", "prompt_eval_count", "total_duration",
@@ -75,9 +74,9 @@ def poll_params(args: MultiDict, max_wait: float) -> PollParams:
     if "models" in args:
         models = list(dict.fromkeys(m.strip() for raw in args.getlist("models") for m in raw.split(",")
                                     if m.strip()))
-        if len(models) > MAX_MODELS or any(len(m) > MAX_MODEL_NAME or not m.isprintable() for m in models):
-            raise BadRequest(f"'models' takes at most {MAX_MODELS} printable names of at most "
-                             f"{MAX_MODEL_NAME} characters", code="invalid_query")
+        if len(models) > MAX_MODELS or not all(map(body.is_model_name, models)):
+            raise BadRequest(f"'models' takes at most {MAX_MODELS} names of at most {body.MAX_MODEL_NAME} "
+                             "characters without control characters or line breaks", code="invalid_query")
     slots = _query_number(args, "slots", 1, int)
     if not 0 <= slots <= MAX_SLOTS:
         raise BadRequest(f"'slots' must be between 0 and {MAX_SLOTS}", code="invalid_query")

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .auth import admin_required
 from .errors import ApiError
-from .storage import StorageError, get_db, get_storage, migrations, stats
+from .storage import StorageError, agents, get_db, get_storage, migrations, stats
 
 bp = Blueprint("metrics", __name__)
 
@@ -35,6 +35,9 @@ FIRST_TOKEN_MEMORY = 10_000
 # Finished requests are counted this long after their finished_at: another worker process may
 # commit a row stamped a moment before one this process already counted.
 SETTLE_SECONDS = 2.0
+# Queue depth is labelled by model only for models online agents declare, at most this many.
+MAX_MODEL_LABELS = 100
+OTHER_MODELS = "(other)"
 
 
 class Metrics:
@@ -112,10 +115,11 @@ class DatabaseCollector:
             states.add_metric([state], count)
         yield states
 
-        depth = GaugeMetricFamily("orchestrator_queue_depth", "Queued requests per model.", labels=["model"])
-        for entry in stats.queue_by_model(conn):
-            if entry["queued"]:
-                depth.add_metric([entry["model"]], entry["queued"])
+        depth = GaugeMetricFamily("orchestrator_queue_depth", "Queued requests per model (models no online agent "
+                                  f"declares are summed under model=\"{OTHER_MODELS}\").", labels=["model"])
+        declared = {m for agent in agents.online(conn, now, self.online_window) for m in agent["models"]}
+        for model, queued in model_labels(stats.queue_by_model(conn), declared).items():
+            depth.add_metric([model], queued)
         yield depth
 
         totals = stats.agent_totals(conn, now, self.online_window)
@@ -139,6 +143,22 @@ class DatabaseCollector:
         for status, count in self._finished.items():
             family.add_metric([status], count)
         return family
+
+
+def model_labels(queues: list[dict[str, Any]], declared: set[str]) -> dict[str, int]:
+    """Queued jobs per model label: a model no online agent declares folds into ``OTHER_MODELS``.
+
+    When an agent declares no models, any name is queued; as label values those names would
+    let any client grow the scrape (and Prometheus' series) without bound.
+    """
+    labels: dict[str, int] = {}
+    for entry in queues:
+        if not entry["queued"]:
+            continue
+        known = entry["model"] in declared and len(labels) < MAX_MODEL_LABELS
+        label = entry["model"] if known else OTHER_MODELS
+        labels[label] = labels.get(label, 0) + entry["queued"]
+    return labels
 
 
 def current_metrics() -> Metrics:

@@ -44,6 +44,7 @@ def status():
 
 def _window_minutes() -> int:
     raw = request.args.get("minutes", str(DEFAULT_WINDOW_MINUTES))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WINDOW_MINUTES:
+    # isascii: str.isdigit() accepts "²", which int() refuses (a 500).
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_WINDOW_MINUTES:
         raise BadRequest(f"minutes must be a whole number from 1 to {MAX_WINDOW_MINUTES}", code="bad_window")
     return int(raw)

@@ -99,6 +99,21 @@ def body_cases(e: Endpoint) -> dict[str, Case]:
     }
 
 
+def hostile_cases(e: Endpoint) -> dict[str, Case]:
+    """Issue 14: inputs that once gave a 500 (a lone surrogate in options) or queued a 10 KB model name."""
+    valid = json.dumps(e.valid).encode()
+    cases = {
+        "options holding a lone surrogate": valid[:-1] + b', "options": {"stop": ["\\ud800"]}}',
+        "an options key holding a lone surrogate": valid[:-1] + b', "options": {"\\udfff": 1}}',
+        "a 10 KB model name with newlines": with_(e, model=("x" * 99 + "\n") * 100),
+        "a model name of 201 characters": with_(e, model="m" * 201),
+        "a model name with a tab": with_(e, model="m\tm"),
+    }
+    if e is COMPLETIONS:
+        cases["stop holding a lone surrogate"] = valid[:-1] + b', "stop": "a\\ud800"}'
+    return {name: Case(e, body) for name, body in cases.items()}
+
+
 def chat_cases(e: Endpoint) -> dict[str, Case]:
     def message(**changes: Any) -> dict:
         return with_(e, messages=[{k: v for k, v in {**HELLO[0], **changes}.items() if v is not ...}])
@@ -149,6 +164,8 @@ def table() -> dict[str, Case]:
         cases |= {f"{e.path} {name}": case for name, case in body_cases(e).items()}
     for e in CHAT_DOORS:
         cases |= {f"{e.path} {name}": case for name, case in chat_cases(e).items()}
+    for e in (*CHAT_DOORS, GENERATE):
+        cases |= {f"{e.path} {name}": case for name, case in hostile_cases(e).items()}
     for e, named in ((COMPLETIONS, OPENAI_CASES), (OLLAMA_CHAT, OLLAMA_CASES), (GENERATE, GENERATE_CASES),
                      (STREAM, STREAM_CASES)):
         cases |= {f"{e.path} {name}": Case(e, with_(e, **changes)) for name, changes in named.items()}
@@ -166,6 +183,9 @@ def table() -> dict[str, Case]:
             (NATIVE, f"/api/v1/chat/stream/{JOB}?after=abc", 400, ()),
             (NATIVE, f"/api/v1/chat/stream/{JOB}?after=-5", 400, ()),
             (NATIVE, f"/api/v1/chat/stream/{JOB}", 400, (("Last-Event-ID", "x"),)),
+            (NATIVE, f"/api/v1/chat/stream/{JOB}", 400, (("Last-Event-ID", "9223372036854775808"),)),
+            (NATIVE, f"/api/v1/chat/stream/{JOB}?after=18446744073709551616", 400, ()),
+            (NATIVE, "/api/v1/status?minutes=%C2%B2", 400, ()),
             (NATIVE, "/api/v1/chat/stream/no-such-request", 404, ()),
             (NATIVE, "/api/v1/chat/%FF", 404, ()),
             (NATIVE, "/api/v1/status?minutes=0", 400, ()),
