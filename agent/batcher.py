@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from agent.backoff import Backoff
 from agent.config import DEFAULTS
 from agent.exceptions import JobGone, ProtocolError, SeqConflict, TransportError
+from protocol.wire import MAX_CHUNKS_PER_POST
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +198,12 @@ class TokenBatcher:
         return self._heartbeat_due
 
     def _cut(self) -> ChunkBatch:
-        stats, error = self._finish or (None, None)
-        self._in_flight = ChunkBatch(self.job_id, self._acked, tuple(self._pending),
-                                     self._finish is not None, stats, error)
+        # At most MAX_CHUNKS_PER_POST (the server's 413 beyond): the rest goes in the next POST, and the
+        # end of the answer only with the last tokens.
+        last = len(self._pending) <= MAX_CHUNKS_PER_POST and self._finish is not None
+        stats, error = self._finish if last else (None, None)
+        self._in_flight = ChunkBatch(self.job_id, self._acked, tuple(self._pending[:MAX_CHUNKS_PER_POST]),
+                                     last, stats, error)
         self._heartbeat_due = self._resend_due = False
         return self._in_flight
 

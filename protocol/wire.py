@@ -5,3 +5,6 @@ from __future__ import annotations
 POLL_PATH = "/api/v1/inference/poll"
 # POST: a batch of one job's chunks, a heartbeat, or its end.
 STREAM_PATH = "/api/v1/inference/stream"
+# Chunks in one POST: every server accepts at least this many (ORCH_MAX_CHUNKS_PER_POST), and the
+# reference agent never sends more in one batch.
+MAX_CHUNKS_PER_POST = 1000

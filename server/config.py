@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.wire import MAX_CHUNKS_PER_POST
+
 ENV_PREFIX = "ORCH_"
 
 
@@ -51,6 +53,8 @@ SETTINGS: tuple[Setting, ...] = (
             "holds one (10,000 idle ones measured ~135 MB).", int),
     Setting("ACCESS_LOG", "", "File for gunicorn's access log (`-` = stderr); empty = none.", str),
     Setting("MAX_BODY_BYTES", 1024 * 1024, "Largest accepted request body; larger ones get 413.", int),
+    Setting("MAX_CHUNKS_PER_POST", MAX_CHUNKS_PER_POST, "Chunks in one agent POST; more get 413 `too_many_chunks` "
+            f"(agents send at most {MAX_CHUNKS_PER_POST}: keep it at least that).", int),
     Setting("ADMIN_TOKEN", "", "Bearer token for admin endpoints (`/api/v1/agents`, status); empty = open.", str),
     Setting("API_KEYS", (), "Comma-separated API keys; when set, user endpoints need `Authorization: Bearer <key>`.", _keys),
     Setting("SIGNATURE_SKEW", 60.0, "Seconds an agent's `X-Agent-Timestamp` may differ from the server clock.", float),

@@ -13,11 +13,11 @@ from typing import Any
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from werkzeug.datastructures import MultiDict
 
-from protocol.wire import POLL_PATH, STREAM_PATH
+from protocol.wire import MAX_CHUNKS_PER_POST, POLL_PATH, STREAM_PATH
 
 from . import body
 from .auth import agent_required
-from .errors import BadRequest
+from .errors import BadRequest, PayloadTooLarge
 from .notifier import ANY_MODEL_KEY, queue_key
 from .storage import agents, chunks, close_db, get_db, get_storage, jobs
 
@@ -143,7 +143,7 @@ def _wait_for_job(app: Flask, agent_id: str, models: list[str] | None, params: P
 @bp.post(STREAM_PATH)
 @agent_required
 def stream():
-    post = chunk_post(body.json_object())
+    post = chunk_post(body.json_object(), current_app.config["MAX_CHUNKS_PER_POST"])
     # The stream following the job is woken as the transaction commits.
     result = chunks.append_chunks(get_db(), g.agent_id, post.id, post.seq, post.chunks, post.done, time.time(),
                                   current_app.config["LEASE_SECONDS"], post.stats, post.error)
@@ -157,8 +157,8 @@ def stream():
     return jsonify(ok=True, cancelled=result.cancelled, next_seq=result.next_seq)
 
 
-def chunk_post(payload: dict[str, Any]) -> ChunkPost:
-    """Check a stream POST body, batched or legacy; BadRequest names the bad field."""
+def chunk_post(payload: dict[str, Any], max_chunks: int = MAX_CHUNKS_PER_POST) -> ChunkPost:
+    """Check a stream POST body, batched or legacy; BadRequest names the bad field, 413 past ``max_chunks``."""
     if payload.get("id") is None:
         raise BadRequest("'id' is required", code="missing_field")
     job_id = body.text(payload["id"], "id")
@@ -168,7 +168,7 @@ def chunk_post(payload: dict[str, Any]) -> ChunkPost:
             raise BadRequest("send 'chunks' (a list) or the legacy 'chunk', not both", code="invalid_field")
         if seq is None:
             raise BadRequest("'seq' is required with 'chunks'", code="missing_field")
-        chunks = _chunk_list(payload["chunks"])
+        chunks = _chunk_list(payload["chunks"], max_chunks)
     elif payload.get("chunk") is not None:
         text = body.text(payload["chunk"], "chunk", allow_empty=True)
         # An empty legacy chunk adds nothing to the answer: store nothing.
@@ -182,9 +182,13 @@ def chunk_post(payload: dict[str, Any]) -> ChunkPost:
     return ChunkPost(job_id, seq, chunks, done, _stats(payload.get("stats")), error)
 
 
-def _chunk_list(value: Any) -> list[str]:
+def _chunk_list(value: Any, max_chunks: int) -> list[str]:
     if not isinstance(value, list) or not all(type(c) is str for c in value):
         raise BadRequest("'chunks' must be a list of strings", code="invalid_field")
+    if len(value) > max_chunks:
+        # 200,000 one-character chunks fit in 1 MiB and held the worker for 3 s in one insert.
+        raise PayloadTooLarge(f"{len(value)} chunks in one POST; at most {max_chunks}: send smaller batches",
+                              code="too_many_chunks", extra={"max_chunks": max_chunks})
     # One encode for the batch instead of one per chunk: finds lone surrogates
     # (valid JSON escapes that SQLite cannot store as UTF-8).
     body.text("".join(value), "chunks", allow_empty=True)

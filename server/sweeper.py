@@ -23,11 +23,24 @@ class Sweeper:
 
     def __init__(self, app: Flask) -> None:
         self.app = app
+        # Leases are expired only from this time on (see ``hold_leases``); 0 for a sweeper driven by tests.
+        self.leases_from = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listeners: list = []   # callables(list[leases.Expired]), e.g. metrics
 
+    def hold_leases(self, now: float | None = None) -> None:
+        """Give every running job one full lease from ``now`` before expiring any.
+
+        While this server was down (or could not write), its agents' POSTs were refused
+        and their leases ran out with nobody at fault: an agent retrying with back-off
+        must reach the server before the sweeper blames it (``agent_lost``).
+        """
+        now = time.time() if now is None else now
+        self.leases_from = max(self.leases_from, now + self.app.config["LEASE_SECONDS"])
+
     def start(self) -> None:
+        self.hold_leases()
         self._thread = threading.Thread(target=self._run, name="orchestrator-sweeper", daemon=True)
         self._thread.start()
 
@@ -54,7 +67,7 @@ class Sweeper:
         if not store.sweep_lock(conn):
             return []             # another host's sweeper is at it
         try:
-            changed = leases.expire_leases(conn, now, cfg["MAX_ATTEMPTS"])
+            changed = leases.expire_leases(conn, now, cfg["MAX_ATTEMPTS"]) if now >= self.leases_from else []
             changed += leases.expire_queue(conn, now, cfg["QUEUE_TIMEOUT"])
             changed += leases.cancel_abandoned(conn, now, cfg["CANCEL_GRACE"])
         finally:

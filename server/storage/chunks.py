@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,9 @@ from ..errors import Conflict, Forbidden, Gone, NotFound
 from ..notifier import job_key
 from .base import Connection
 from .jobs import FINAL, Status
+
+# Rows per insert statement of one POST; a batch from a normal agent is one slice.
+INSERT_SLICE = 200
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,22 @@ def append_chunks(conn: Connection, agent_id: str, job_id: str, seq: int | None,
     return result
 
 
+def _insert(conn: Connection, job_id: str, first_seq: int, texts: list[str], now: float) -> None:
+    """Insert chunks in slices, letting other greenlets run between them.
+
+    A slice takes ~0.3 ms on SQLite here; a full POST (1,000 chunks) no longer holds
+    every stream of the worker for one long statement.  The transaction stays
+    open across the yields (all of a POST or nothing): other writers wait their
+    turn on the lock, readers (streams) are not blocked under WAL.
+    """
+    for start in range(0, len(texts), INSERT_SLICE):
+        if start:
+            time.sleep(0)         # gevent's sleep once patched: a yield to the event loop
+        conn.executemany("INSERT INTO chunks (job_id, seq, text, created_at) VALUES (?, ?, ?, ?)",
+                         [(job_id, first_seq + start + i, text, now)
+                          for i, text in enumerate(texts[start:start + INSERT_SLICE])])
+
+
 @dataclass(frozen=True)
 class _HeldJob:
     id: str
@@ -101,9 +121,7 @@ def _store_post(conn: Connection, job: _HeldJob, seq: int | None, chunks: list[s
         raise Conflict(f"seq {seq} leaves a gap: the server has {next_seq} chunks",
                        code="seq_gap", extra={"expected_seq": next_seq})
     fresh = chunks[next_seq - seq:] if end > next_seq else []
-    if fresh:
-        conn.executemany("INSERT INTO chunks (job_id, seq, text, created_at) VALUES (?, ?, ?, ?)",
-                         [(job.id, next_seq + i, text, now) for i, text in enumerate(fresh)])
+    _insert(conn, job.id, next_seq, fresh, now)
     new_next = next_seq + len(fresh)
     started = job.status == Status.DELIVERED
     if job.cancel_requested:

@@ -175,6 +175,7 @@ def table() -> dict[str, Case]:
         f"{stream} seq infinite": Case(STREAM, raw_with(STREAM, b'"hi"').replace(b'"seq": 1', b'"seq": 1e400')),
         f"{stream} seq past the stored chunks": Case(STREAM, with_(STREAM, seq=2**31 - 1), 409),
         f"{stream} unknown job": Case(STREAM, with_(STREAM, id="no-such-job"), 404),
+        f"{stream} 200,000 one-character chunks": Case(STREAM, with_(STREAM, chunks=["x"] * 200_000), 413),
     }
     for query in ("wait=-1", "wait=nan", "wait=inf", "wait=1e999", "wait=soon", "wait=%FF", "slots=-1", "slots=1001",
                   "slots=1.5", "slots=x", "models=%01", "models=" + "x" * 201, "models=" + ",".join(map(str, range(101)))):
