@@ -161,7 +161,8 @@ class ServerClient:
             return JobGone(message, status=status)
         if status == 401:
             return SignatureRejected(message, status=status)
-        if status >= 500:
+        if status >= 500 or status == 429:
+            # 503 storage_unavailable, 429 too_many_requests: the server's trouble or its pace; retry later.
             return TransportError(f"server error {status}: {message}", status=status)
         return ProtocolError(f"unexpected {status}: {message}", status=status)
 

@@ -28,6 +28,7 @@ import requests
 
 from agent.config import DEFAULTS as AGENT_DEFAULTS
 from agent.config import SETTINGS as AGENT_SETTINGS
+from protocol.signing import derive_key
 from server.storage import agents, migrated
 from server.storage.agents import AgentCredentials
 
@@ -188,8 +189,8 @@ class LiveServer(Process):
         return self.launch().wait_ready(timeout)
 
     def add_agent(self, name: str = "agent") -> AgentCredentials:
-        """Register agent ``name`` in this server's database."""
-        return register_agents(self.database, [name])[0]
+        """Register agent ``name`` in this server's database (its key wrapped with the server's ORCH_SECRET_KEY)."""
+        return register_agents(self.database, [name], self.env.get("ORCH_SECRET_KEY", ""))[0]
 
     def _answers(self) -> bool:
         self.check_alive()
@@ -203,10 +204,10 @@ class LiveServer(Process):
             conn.close()
 
 
-def register_agents(database: str | Path, names: Sequence[str]) -> list[AgentCredentials]:
+def register_agents(database: str | Path, names: Sequence[str], secret_key: str = "") -> list[AgentCredentials]:
     """Register agents ``names`` in one transaction (as `orchestrator agents add` does), migrating first."""
     with migrated(str(database)) as conn, conn.transaction():
-        return [agents.add_agent(conn, name) for name in names]
+        return [agents.add_agent(conn, name, secret_key=secret_key) for name in names]
 
 
 def agent_online(database: str | Path, agent_id: str, window: float = ONLINE_WINDOW) -> dict | None:
@@ -218,10 +219,11 @@ def agent_online(database: str | Path, agent_id: str, window: float = ONLINE_WIN
         return next((a for a in agents.online(conn, time.time(), window) if a["id"] == agent_id), None)
 
 
-def agent_registered(database: str | Path, creds: AgentCredentials) -> bool:
+def agent_registered(database: str | Path, creds: AgentCredentials, secret_key: str = "") -> bool:
     """Whether ``creds`` still sign for an active agent of this database."""
     with migrated(str(database)) as conn:
-        return agents.secret_for(conn, creds.id) == creds.secret
+        found = agents.signing_key(conn, creds.id, secret_key)
+    return found is not None and not found.removed and found.key == derive_key(creds.secret)
 
 
 # --- the simulator -----------------------------------------------------------------------

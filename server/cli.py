@@ -38,8 +38,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_agents_add(args: argparse.Namespace) -> int:
+    secret_key = load_config()["SECRET_KEY"]
     with migrated(_db_path(args)) as conn:
-        creds = agents.add_agent(conn, args.name)
+        creds = agents.add_agent(conn, args.name, secret_key=secret_key)
     if args.json:
         print(json.dumps({"id": creds.id, "secret": creds.secret}))
     else:

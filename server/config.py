@@ -58,6 +58,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ADMIN_TOKEN", "", "Bearer token for admin endpoints (`/api/v1/agents`, status); empty = open.", str),
     Setting("API_KEYS", (), "Comma-separated API keys; when set, user endpoints need `Authorization: Bearer <key>`.", _keys),
     Setting("SIGNATURE_SKEW", 60.0, "Seconds an agent's `X-Agent-Timestamp` may differ from the server clock.", float),
+    Setting("ALLOW_NO_NONCE", False, "Accept agent requests without `X-Agent-Nonce` (agents older than the nonce; "
+            "such requests can be replayed within the skew window).", _bool),
+    Setting("NONCES_PER_AGENT", 100_000, "Nonces remembered per agent over the skew window, per process; an agent "
+            "sending more gets 429 (100,000 is 800 requests/s at the default skew).", int),
+    Setting("SECRET_KEY", "", "Server key that wraps the agents' signing keys in the database (32+ random "
+            "characters); empty = stored unwrapped. Keep it out of the database's backups.", str),
     Setting("LEASE_SECONDS", 30.0, "A running job's lease; every POST from its agent renews it.", float),
     Setting("DELIVERY_LEASE_SECONDS", 5.0, "How long a handed-out job waits for its agent's first POST before it is requeued.", float),
     Setting("MAX_ATTEMPTS", 3, "Times a job may be handed out before it fails.", int),

@@ -67,6 +67,18 @@ class UnsupportedMediaType(ApiError):
     status, code = 415, "unsupported_media_type"
 
 
+class TooManyRequests(ApiError):
+    status, code = 429, "too_many_requests"
+
+
+class ServiceUnavailable(ApiError):
+    status, code = 503, "service_unavailable"
+
+
+# Seconds a client is told to wait before retrying a 429 or a 503.
+RETRY_AFTER_SECONDS = 1
+
+
 # Werkzeug's names, snake_cased, become the envelope's codes.
 def _code_for(exc: HTTPException) -> str:
     return (exc.name or "error").lower().replace(" ", "_").replace("-", "_")
@@ -81,6 +93,8 @@ def render(exc: ApiError):
     response.status_code = exc.status
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    if exc.status in (429, 503):
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
 
 

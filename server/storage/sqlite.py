@@ -6,6 +6,7 @@ wait, a ``yield`` or network I/O.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..notifier import Notifier
 from .base import MIGRATIONS_ROOT, POOL_SIZE, Connection, Storage, StorageError
 
 BUSY_TIMEOUT_MS = 5000
+PRIVATE_MODE = 0o600
 PRAGMAS = (f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}", "PRAGMA journal_mode = WAL", "PRAGMA synchronous = NORMAL",
            "PRAGMA foreign_keys = ON")
 
@@ -69,10 +71,28 @@ class SQLiteStorage(Storage):
     def __init__(self, path: str, notifier: Notifier | None = None, pool_size: int = POOL_SIZE) -> None:
         super().__init__(path, notifier, pool_size)
         self.path = path
+        self._private = False
+
+    def _make_private(self) -> None:
+        """Create the file 0600 before SQLite does (it would make it 0644), and tighten existing ones.
+
+        The database holds prompts, answers and agents' keys; SQLite gives the -wal and -shm
+        files the main file's mode, so they follow.
+        """
+        path = Path(self.path)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, PRIVATE_MODE))
+            for existing in (path, *(Path(f"{path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
+                if existing.exists() and existing.stat().st_mode & 0o077:
+                    existing.chmod(PRIVATE_MODE)
+        except OSError as exc:
+            raise StorageError(f"cannot create the SQLite database {self.path}: {exc}") from exc
+        self._private = True
 
     def connect(self) -> SQLiteConnection:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        if self.path != ":memory:" and not self._private:
+            self._make_private()
         raw = None
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, so no implicit

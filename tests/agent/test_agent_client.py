@@ -52,7 +52,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, body: bytes) -> None:
         valid = signing.verify(SECRET, self.headers[signing.HEADER_SIGNATURE], self.command, self.path,
-                               self.headers[signing.HEADER_TIMESTAMP], body)
+                               self.headers[signing.HEADER_TIMESTAMP], body, self.headers.get(signing.HEADER_NONCE, ""))
         self.server.requests.append((self.command, self.path, body, valid))
         status, payload = self.server.replies.popleft() if self.server.replies else (204, None)
         data = payload if isinstance(payload, bytes) else b"" if payload is None else json.dumps(payload).encode()

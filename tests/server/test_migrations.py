@@ -65,7 +65,7 @@ def test_a_database_from_before_the_job_rename_keeps_its_rows(store):
         conn.execute("INSERT INTO migrations VALUES (?, 0)", (first.name,))
         conn.execute("INSERT INTO requests (id, model, messages, created_at) VALUES ('r1', 'm', '[]', 1)")
         conn.execute("INSERT INTO chunks (request_id, seq, text, created_at) VALUES ('r1', 0, 'hi', 1)")
-    assert migrate(store) == ["0002_jobs.sql"]
+    assert migrate(store)[0] == "0002_jobs.sql"
     with store.connection() as conn:
         assert conn.execute("SELECT id, model FROM jobs").fetchall() == [("r1", "m")]
         assert conn.execute("SELECT job_id, text FROM chunks").fetchall() == [("r1", "hi")]
