@@ -36,6 +36,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     _register_blueprints(app)
     app.extensions["sweeper"] = Sweeper(app)
+    store.health.listeners.append(app.extensions["sweeper"].storage_changed)
+    # Streams waiting on a write that cannot come re-read and end with storage_unavailable.
+    store.health.listeners.append(lambda ok: ok or store.notifier.wake_all())
     if settings["SWEEP_INTERVAL"] > 0:
         app.extensions["sweeper"].start()
     return app

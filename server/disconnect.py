@@ -118,9 +118,10 @@ class DisconnectGuard:
         try:
             with get_storage(self.app).connection() as conn:
                 return action(conn)
-        except StorageError:
-            log.error("job %s: could not %s; the sweeper will not see this stream's end", self.job_id,
-                      what, exc_info=True)
+        except StorageError as exc:
+            # One line, no traceback: the storage's health logs the outage itself.
+            log.warning("job %s: could not %s (%s); the sweeper will not see this stream's end", self.job_id,
+                        what, exc)
             return None
 
 

@@ -6,11 +6,14 @@ into the same envelope so an API client never gets an HTML page.
 """
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+from .storage.base import StorageBusy, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +101,36 @@ def render(exc: ApiError):
     return response
 
 
+def storage_unavailable(exc: Exception) -> ApiError:
+    """What a client is told when the database fails under its request: 503, retry (agents do)."""
+    why = "busy (locked by another process)" if isinstance(exc, StorageBusy) else "unavailable"
+    return ServiceUnavailable(f"the server's database is {why}: retry in a moment", code="storage_unavailable")
+
+
+def _render_storage_error(exc: Exception):
+    # No traceback: the storage's health logs one line per change of state, not one per request.
+    log.debug("request refused, storage unavailable: %s", exc)
+    if _is_ollama_path(request.path):
+        response = jsonify({"error": storage_unavailable(exc).message})
+        response.status_code = 503
+        return response
+    return render(storage_unavailable(exc))
+
+
+def _render_os_error(exc: OSError):
+    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+        raise exc
+    # Out of file descriptors (a database file, a socket): the server's limit, not the client's fault.
+    log.warning("request refused: %s", exc)
+    return render(ServiceUnavailable("the server is out of file descriptors: retry in a moment",
+                                     code="server_busy"))
+
+
 def init_app(app: Flask) -> None:
     """Render every API error, ours and Werkzeug's, as the JSON envelope."""
     app.register_error_handler(ApiError, render)
+    app.register_error_handler(StorageError, _render_storage_error)
+    app.register_error_handler(OSError, _render_os_error)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -23,7 +23,7 @@ from flask import current_app, request
 from . import body, streaming
 from .disconnect import DisconnectGuard
 from .errors import BadRequest, NotFound
-from .storage import Connection, agents, get_db, jobs
+from .storage import Connection, agents, close_db, get_db, jobs
 
 ROLES = ("system", "user", "assistant", "tool")
 # HTTP statuses for a job that failed before a whole answer could be returned.
@@ -88,6 +88,8 @@ def start(model: str, messages: list[dict[str, str]], options: dict[str, Any], f
 def guarded_events(job_id: str, after_seq: int = -1, *, status_events: bool = False) -> DisconnectGuard:
     """The job's events, cancelling it if the client leaves first (call inside the request)."""
     app = current_app._get_current_object()
+    # The request is done with its connection: a stream borrows one per read, never holds one.
+    close_db()
     return DisconnectGuard(app, job_id, streaming.follow(app, job_id, after_seq, status_events=status_events),
                            client_socket=request.environ.get("gunicorn.socket"))
 

@@ -35,6 +35,8 @@ FIRST_TOKEN_MEMORY = 10_000
 # Finished requests are counted this long after their finished_at: another worker process may
 # commit a row stamped a moment before one this process already counted.
 SETTLE_SECONDS = 2.0
+# /healthz waits this long for a locked database's write lock before it answers 503.
+HEALTH_WRITE_DEADLINE = 0.5
 # Queue depth is labelled by model only for models online agents declare, at most this many.
 MAX_MODEL_LABELS = 100
 OTHER_MODELS = "(other)"
@@ -221,10 +223,12 @@ def metrics_page() -> Response:
 
 @bp.get("/healthz")
 def healthz() -> dict[str, Any]:
-    """200 when the database answers and its schema is current; 503 otherwise."""
+    """200 when the database answers, takes a write and its schema is current; 503 saying why otherwise."""
+    store = get_storage()
     try:
-        get_db().execute("SELECT 1").fetchone()
-        waiting = migrations.pending(get_storage())
+        conn = get_db()
+        conn.execute("SELECT 1").fetchone()
+        waiting = migrations.pending_on(store, conn)
     except (StorageError, OSError) as exc:
         raise ApiError(f"the database is unreachable: {exc}", code="database_unreachable", status=503) from None
     except migrations.MigrationError as exc:
@@ -232,4 +236,12 @@ def healthz() -> dict[str, Any]:
     if waiting:
         raise ApiError(f"{len(waiting)} migration(s) pending: {', '.join(m.name for m in waiting)}",
                        code="migrations_pending", status=503)
+    try:
+        # A real write, waited for briefly: a locked database or a full disk must not pass as healthy.
+        with conn.patience(HEALTH_WRITE_DEADLINE):
+            store.probe_write(conn)
+    except StorageError as exc:
+        raise ApiError(f"storage cannot write: {exc}", code="storage_unavailable", status=503) from None
+    if not store.health.ok:
+        raise ApiError(f"storage cannot write: {store.health.failing}", code="storage_unavailable", status=503)
     return {"status": "ok", "database": "ok", "migrations": "current"}

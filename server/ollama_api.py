@@ -16,7 +16,8 @@ from werkzeug.exceptions import HTTPException
 
 from . import body, frontdoor, streaming
 from .auth import api_key_required
-from .errors import ApiError
+from .errors import ApiError, storage_unavailable
+from .storage import StorageError
 
 bp = Blueprint("ollama_api", __name__)
 
@@ -46,6 +47,12 @@ def _render(exc: OllamaError):
 @bp.errorhandler(ApiError)
 def _render_api_error(exc: ApiError):
     return _render(OllamaError(exc.message, exc.status))
+
+
+@bp.errorhandler(StorageError)
+def _render_storage_error(exc: StorageError):
+    api = storage_unavailable(exc)
+    return _render(OllamaError(api.message, api.status))
 
 
 @bp.errorhandler(HTTPException)

@@ -10,17 +10,30 @@ engine is a subclass of ``Storage`` and ``Connection``: SQLite today
 """
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..notifier import Notifier
 
-# Idle connections kept per storage.  Opening a SQLite one costs ~0.5 ms here
-# (schema parse, pragmas): a fifth of an agent POST, so requests borrow.
+log = logging.getLogger(__name__)
+
+# Connections per storage.  Opening a SQLite one costs ~0.5 ms here (schema parse,
+# pragmas): a fifth of an agent POST, so requests borrow.  The pool is bounded: a burst
+# beyond it waits (cooperatively under gevent) instead of opening more.  Unbounded, a
+# 500-chat burst opened 500 SQLite connections, and the file handles of those closed
+# afterwards stayed open while the pool lived (SQLite's unix VFS defers closing a
+# file's descriptor while another connection of the process holds a lock on it, and
+# WAL readers always do): 492 descriptors after the burst.
 POOL_SIZE = 16
+# How long a write waits for a lock another connection or process holds (SQLite) before StorageBusy.
+BUSY_DEADLINE = 5.0
+# How long a borrower waits for a pooled connection before the database counts as unavailable (503).
+POOL_TIMEOUT = 5.0
 MIGRATIONS_ROOT = Path(__file__).resolve().parent.parent.parent / "migrations"
 
 
@@ -28,14 +41,86 @@ class StorageError(Exception):
     """The database failed (locked, unreachable, full, corrupt): the server's trouble, not the client's."""
 
 
+class StorageBusy(StorageError):
+    """Another connection or process held the write lock for longer than a request waits: retry soon."""
+
+
+# A nearly full disk takes a one-row probe and refuses a batch of chunks: the database counts as
+# writing again only once no write has failed for this long (and a probe then succeeds).
+RECOVERY_QUIET = 3.0
+
+
+class StorageHealth:
+    """Whether the database takes writes; one log line per change of state, listeners told of each change.
+
+    A write that fails for any reason but a lock (disk full, I/O error, read-only,
+    unreachable) marks it failing; a probe write that succeeds (``Storage.probe_write``,
+    by the sweeper every round while failing, and by ``/healthz``) marks it healthy
+    again: a transaction that commits without changing a page proves nothing.  Streams end with ``storage_unavailable`` while it fails; locks only
+    make writers wait (``StorageBusy`` past the deadline), they do not end streams.
+    """
+
+    def __init__(self, name: str, quiet: float = RECOVERY_QUIET) -> None:
+        self.name = name
+        self.quiet = quiet
+        self.failing: str | None = None       # why, while writes fail
+        self.since = 0.0
+        self.last_failure = 0.0
+        self._busy_logged = False
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[bool], None]] = []   # called with ok=True/False at each change
+
+    @property
+    def ok(self) -> bool:
+        return self.failing is None
+
+    def failed(self, reason: str) -> None:
+        """A write (or the connection) failed for ``reason``."""
+        with self._lock:
+            self.last_failure = time.monotonic()
+            if self.failing is not None:
+                return
+            self.failing, self.since = reason, self.last_failure
+        log.error("%s storage unavailable: %s; requests get 503 storage_unavailable until it writes again",
+                  self.name, reason)
+        self._tell(False)
+
+    def busy(self, reason: str) -> None:
+        """A writer gave up waiting for the lock (logged once until the next successful probe)."""
+        if not self._busy_logged:
+            self._busy_logged = True
+            log.warning("%s storage busy: %s; writers wait, then get 503 storage_unavailable", self.name, reason)
+
+    def wrote(self) -> None:
+        """A probe write committed: the database writes, unless another write failed within ``quiet`` seconds."""
+        with self._lock:
+            if self.failing is not None and time.monotonic() - self.last_failure < self.quiet:
+                return
+            was, self.failing, self._busy_logged = self.failing, None, False
+            since = self.since
+        if was is not None:
+            log.warning("%s storage available again after %.1f s", self.name, time.monotonic() - since)
+            self._tell(True)
+
+    def _tell(self, ok: bool) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(ok)
+            except Exception:
+                log.error("storage health listener failed; carrying on", exc_info=True)
+
+
 class Connection:
     """One database connection: portable SQL, transactions, and wake-ups announced on commit."""
 
     # Appended to a claim's row-picking subquery by engines with row locks (``FOR UPDATE SKIP LOCKED``).
     skip_locked = ""
+    # How long a statement waits for a lock held elsewhere (engines that wait in this process: SQLite).
+    busy_deadline = BUSY_DEADLINE
 
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(self, notifier: Notifier, health: StorageHealth | None = None) -> None:
         self.notifier = notifier
+        self.health = health if health is not None else StorageHealth("database")
         self._announced: list[tuple[str, int | None]] = []
 
     # --- what an engine implements ------------------------------------------
@@ -78,6 +163,15 @@ class Connection:
         for key, wake in announced:
             self.notifier.notify(key, wake=wake)
 
+    @contextmanager
+    def patience(self, seconds: float) -> Iterator[Connection]:
+        """Wait at most ``seconds`` for a lock inside this block (``/healthz`` answers fast)."""
+        self.busy_deadline = seconds
+        try:
+            yield self
+        finally:
+            del self.busy_deadline          # back to the class default
+
     def notify(self, key: str, *, wake: int | None = None) -> None:
         """Wake the waiters of ``key`` once this connection's transaction commits (at once outside one)."""
         if self.in_transaction:
@@ -96,8 +190,11 @@ class Storage:
         self.url = url
         self.notifier = notifier if notifier is not None else Notifier()
         self.pool_size = pool_size
+        self.health = StorageHealth(self.name)
         self._idle: list[Connection] = []
+        self._lent = 0
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)
 
     def connect(self) -> Connection:
         """A new connection of the caller's own (the sweeper's thread, the CLI); close it when done."""
@@ -110,6 +207,13 @@ class Storage:
     def check(self) -> None:
         """Open one connection now: StorageError (saying where and why) when the database cannot be reached."""
         self.connect().close()
+
+    def probe_write(self, conn: Connection) -> None:
+        """Write one row and commit: StorageBusy (locked) or StorageError (full, read-only...) if it cannot."""
+        with conn.transaction():
+            # A new value: SQLite writes no page for a value rewritten with itself.
+            conn.execute("UPDATE health_probe SET probed_at = ? WHERE id = 1", (time.time(),))
+        self.health.wrote()
 
     def start_listening(self, give_up_after: float) -> None:
         """Start hearing other processes' writes (engines shared between processes); nothing to do here."""
@@ -131,20 +235,35 @@ class Storage:
             self.give_back(conn)
 
     def take(self) -> Connection:
+        """A pooled connection; waits up to ``POOL_TIMEOUT`` when all ``pool_size`` are lent (StorageError then)."""
         with self._lock:
+            if not self._returned.wait_for(lambda: self._idle or self._lent < self.pool_size, POOL_TIMEOUT):
+                raise StorageError(f"no free database connection within {POOL_TIMEOUT:g} s "
+                                   f"(all {self.pool_size} in use)")
+            self._lent += 1
             if self._idle:
                 return self._idle.pop()
-        return self.connect()
+        try:
+            return self.connect()
+        except BaseException:
+            with self._lock:
+                self._lent -= 1
+                self._returned.notify()
+            raise
 
     def give_back(self, conn: Connection) -> None:
-        if conn.in_transaction:
-            # Never hand a half-done transaction to the next borrower.
-            conn._rollback()
+        try:
+            if conn.in_transaction:
+                # Never hand a half-done transaction to the next borrower.
+                conn._rollback()
+        except StorageError:
+            conn.close()
+            conn = None
         with self._lock:
-            if len(self._idle) < self.pool_size:
+            self._lent -= 1
+            if conn is not None:
                 self._idle.append(conn)
-                return
-        conn.close()
+            self._returned.notify()
 
     @property
     def idle(self) -> list[Connection]:

@@ -19,6 +19,20 @@ class Expired:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def renew_all(conn: Connection, now: float, lease_seconds: float, delivery_lease: float) -> int:
+    """Extend every active job's lease to a full one from ``now`` (never shorten one); returns how many.
+
+    After a start or an outage of the database: agents whose POSTs were refused meanwhile
+    get a lease to reach the server again before they are declared lost.
+    """
+    with conn.transaction():
+        running = conn.execute("UPDATE jobs SET lease_expires = ? WHERE status = 'running' AND lease_expires < ?",
+                               (now + lease_seconds, now + lease_seconds)).rowcount
+        delivered = conn.execute("UPDATE jobs SET lease_expires = ? WHERE status = 'delivered' AND lease_expires < ?",
+                                 (now + delivery_lease, now + delivery_lease)).rowcount
+    return running + delivered
+
+
 def expire_leases(conn: Connection, now: float, max_attempts: int) -> list[Expired]:
     """Give back, fail or cancel every job whose lease ran out."""
     changed = []

@@ -28,7 +28,7 @@ import psycopg_pool
 from psycopg import pq
 
 from ..notifier import Notifier
-from .base import MIGRATIONS_ROOT, POOL_SIZE, Connection, Storage, StorageError
+from .base import MIGRATIONS_ROOT, POOL_SIZE, Connection, Storage, StorageError, StorageHealth
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,10 @@ def _translate(sql: str) -> str:
     return _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
 
 
-def _unavailable(exc: Exception) -> StorageError:
+def _unavailable(exc: Exception, health: StorageHealth | None = None) -> StorageError:
+    """A StorageError for ``exc``; the connection lost, the disk full and the like mark ``health`` failing."""
+    if health is not None and isinstance(exc, psycopg.OperationalError):
+        health.failed(f"PostgreSQL: {str(exc).strip()}")
     return StorageError(f"PostgreSQL: {str(exc).strip()}")
 
 
@@ -59,8 +62,9 @@ class PostgresConnection(Connection):
 
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, raw: psycopg.Connection, notifier: Notifier, origin: str) -> None:
-        super().__init__(notifier)
+    def __init__(self, raw: psycopg.Connection, notifier: Notifier, origin: str,
+                 health: StorageHealth | None = None) -> None:
+        super().__init__(notifier, health)
         self.raw = raw
         self.origin = origin
         self._sql: dict[str, str] = {}
@@ -72,14 +76,14 @@ class PostgresConnection(Connection):
         try:
             return self.raw.execute(translated, params)
         except psycopg.Error as exc:
-            raise _unavailable(exc) from exc
+            raise _unavailable(exc, self.health) from exc
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         try:
             with self.raw.cursor() as cursor:
                 cursor.executemany(_translate(sql), rows)
         except psycopg.Error as exc:
-            raise _unavailable(exc) from exc
+            raise _unavailable(exc, self.health) from exc
 
     @property
     def in_transaction(self) -> bool:
@@ -126,8 +130,8 @@ class PostgresStorage(Storage):
         try:
             raw = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
         except psycopg.Error as exc:
-            raise _unavailable(exc) from exc
-        return PostgresConnection(raw, self.notifier, self.origin)
+            raise _unavailable(exc, self.health) from exc
+        return PostgresConnection(raw, self.notifier, self.origin, self.health)
 
     def take(self) -> PostgresConnection:
         try:
@@ -135,8 +139,8 @@ class PostgresStorage(Storage):
         except psycopg_pool.PoolTimeout as exc:
             raise StorageError(f"PostgreSQL: no connection within {POOL_TIMEOUT:g} s ({self._describe()})") from exc
         except psycopg.Error as exc:
-            raise _unavailable(exc) from exc
-        return PostgresConnection(raw, self.notifier, self.origin)
+            raise _unavailable(exc, self.health) from exc
+        return PostgresConnection(raw, self.notifier, self.origin, self.health)
 
     def give_back(self, conn: Connection) -> None:
         assert isinstance(conn, PostgresConnection)
