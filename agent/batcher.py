@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from agent.backoff import Backoff
 from agent.config import DEFAULTS
-from agent.exceptions import JobGone, ProtocolError, SeqConflict, TransportError
+from agent.exceptions import JobGone, ProtocolError, SeqConflict, SignatureRejected, TransportError
 from protocol.wire import MAX_CHUNKS_PER_POST
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,10 @@ class TokenBatcher:
                 self._acknowledge(batch, exc.expected_seq, accepted=False)
             except JobGone:
                 self._cancel()
+            except SignatureRejected as exc:
+                # Revoked, or the clock jumped: the job cannot go on, and it is not a cancellation.
+                log.error("job %s: the server refused our signature: %s", self.job_id, exc)
+                self._give_up(exc)
             except Exception as exc:
                 log.exception("job %s: send raised unexpectedly; giving up the stream", self.job_id)
                 self._give_up(exc)

@@ -21,7 +21,16 @@ from agent.backoff import Backoff
 from agent.batcher import ChunkBatch, TokenBatcher
 from agent.client import ServerClient
 from agent.config import AgentConfig
-from agent.exceptions import AgentError, JobGone, MalformedJob, ProtocolError, SignatureRejected, TransportError
+from agent.exceptions import (
+    AgentError,
+    AgentRevoked,
+    ClockSkew,
+    JobGone,
+    MalformedJob,
+    ProtocolError,
+    SignatureRejected,
+    TransportError,
+)
 from agent.job import Job, JobRun, Poster
 from agent.legacy import LegacyPoster
 from protocol.wire import POLL_PATH
@@ -34,6 +43,8 @@ DEFAULT_BACKOFF = Backoff(base=0.1, cap=10.0)
 # After the shutdown deadline, the aborted jobs get this long to post their final error.
 SHUTDOWN_FINISH_GRACE = 5.0
 SHUTDOWN_REASON = "the agent shut down before the answer was complete"
+# Exit status once an operator removed the agent (`orchestrator agents remove`): a supervisor should not restart it.
+EXIT_REVOKED = 3
 
 
 class StopRequested(BaseException):
@@ -100,6 +111,7 @@ class Worker:
         self._loop_thread: threading.Thread | None = None
         self._server_state = ServerState.OK
         self._failures = 0
+        self._revoked: AgentRevoked | None = None
 
     def work(self) -> int:
         """Serve until a stop signal; returns the exit status. Raises `StartupError`."""
@@ -116,7 +128,7 @@ class Worker:
             pass
         finally:
             self._teardown()
-        return 0
+        return EXIT_REVOKED if self._revoked is not None else 0
 
     def request_stop(self, signum: int = signal.SIGTERM, frame: object = None) -> None:
         """Warm stop (a signal handler, also callable from tests); a second call is a cold stop."""
@@ -195,6 +207,13 @@ class Worker:
             job = self.client.poll(self.models, self.config.max_jobs - self.running_jobs, self.config.long_poll)
         except TransportError as exc:
             return self._server_trouble(ServerState.UNREACHABLE, exc)
+        except AgentRevoked as exc:
+            self._revoke(exc)
+            return 0.0
+        except ClockSkew as exc:
+            if not self._answered:
+                raise StartupError(f"the server refused our timestamp: {exc}") from None
+            return self._server_trouble(ServerState.REJECTED, exc)
         except SignatureRejected as exc:
             if not self._answered:
                 raise StartupError(f"server rejected our signature: check AGENT_ID/AGENT_SECRET ({exc})") from None
@@ -268,6 +287,17 @@ class Worker:
     def _job_finished(self, run: JobRun, outcome: str) -> None:
         with self._lock:
             self._running.pop(run.job.id, None)
+        if isinstance(run.failure, AgentRevoked):
+            self._revoke(run.failure)
+        self._wakeup.wake()
+
+    def _revoke(self, exc: AgentRevoked) -> None:
+        """The server says an operator removed us: stop polling and exit with ``EXIT_REVOKED``."""
+        if self._revoked is None:
+            self._revoked = exc
+            log.error("%s: revoked by the server (%s): exiting with status %d; register a new agent to serve again",
+                      self.name, exc, EXIT_REVOKED)
+        self._stop_requested = True
         self._wakeup.wake()
 
     def _teardown(self) -> None:
