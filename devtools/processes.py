@@ -163,9 +163,10 @@ class LiveServer(Process):
     """
 
     def __init__(self, database: str | Path, log_path: Path, env: Mapping[str, object] | None = None, *,
-                 port: int = 0, host: str = "127.0.0.1", name: str = "server") -> None:
+                 port: int = 0, host: str = "127.0.0.1", name: str = "server", prefix: Sequence[str] = ()) -> None:
         super().__init__(name, [], log_path)
         self.database, self.port, self.host = str(database), port, host
+        self.prefix = list(prefix)      # runs the server, e.g. under another open-files limit
         self.env.update({k: str(v) for k, v in (env or {}).items()})
 
     @property
@@ -175,7 +176,7 @@ class LiveServer(Process):
     def launch(self) -> LiveServer:
         """Start it (on a free port unless it has one) without waiting; see `wait_ready`."""
         self.port = self.port or free_port()
-        self.argv = [sys.executable, "-m", "server", "serve", "--db", self.database,
+        self.argv = [*self.prefix, sys.executable, "-m", "server", "serve", "--db", self.database,
                      "--host", self.host, "--port", str(self.port)]
         super().start()
         return self

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import chat, errors, inference, keywrap, metrics, ollama_api, openai_api, operators, pages, storage
+from . import chat, errors, inference, keywrap, limits, metrics, ollama_api, openai_api, operators, pages, storage
 from .config import ConfigError, load_config
 from .notifier import Notifier
 from .storage import agents, migrations
@@ -34,6 +34,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # Streams still waiting when the database has been away a whole lease end with an error.
     store.start_listening(give_up_after=settings["LEASE_SECONDS"])
     errors.init_app(app)
+    limits.init_app(app)
     _register_blueprints(app)
     app.extensions["sweeper"] = Sweeper(app)
     store.health.listeners.append(app.extensions["sweeper"].storage_changed)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from flask import request
+from flask import current_app, request
 
-from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from .errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 # Deeper nesting than any valid body of ours: refuse before recursing into it.
 MAX_DEPTH = 32
@@ -39,15 +41,53 @@ def json_object() -> dict[str, Any]:
 
 
 def raw_body() -> bytes:
-    """The body's bytes, or 413 when it is larger than ``MAX_CONTENT_LENGTH``, chunked or not."""
-    raw = request.get_data(cache=True)    # 413 at once for a Content-Length over the limit
-    limit = request.max_content_length
-    # A chunked body has no Content-Length: Werkzeug stops reading at the limit
-    # and returns a silently truncated body; one byte more means it was too large.
-    if limit is not None and request.content_length is None and len(raw) >= limit:
-        if request.environ["wsgi.input"].read(1):
-            raise PayloadTooLarge(f"the body is larger than {limit} bytes", code="request_entity_too_large")
+    """The body's bytes; 413 when it is larger than ``MAX_CONTENT_LENGTH``, chunked or not; 408 when it
+    takes longer than ``BODY_TIMEOUT`` to arrive."""
+    with _deadline(current_app.config["BODY_TIMEOUT"]):
+        raw = request.get_data(cache=True)    # 413 at once for a Content-Length over the limit
+        limit = request.max_content_length
+        # A chunked body has no Content-Length: Werkzeug stops reading at the limit
+        # and returns a silently truncated body; one byte more means it was too large.
+        if limit is not None and request.content_length is None and len(raw) >= limit:
+            if request.environ["wsgi.input"].read(1):
+                raise PayloadTooLarge(f"the body is larger than {limit} bytes", code="request_entity_too_large")
     return raw
+
+
+class _SlowBody(Exception):
+    """Raised into the reading greenlet by gevent when the body's deadline passes."""
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """A deadline on reading the whole body (gevent only: in-process tests have the body in memory).
+
+    A socket timeout would not do: it bounds each read, and one byte every 2 s kept 300
+    connections open for good.  Once the deadline passes the request is answered 408 and
+    its connection closed (``Connection: close``: the rest of its body is never read).
+    """
+    if request.environ.get("gunicorn.socket") is None or not _gevent_patched():
+        yield
+        return
+    import gevent
+
+    timer = gevent.Timeout(seconds, _SlowBody)
+    timer.start()
+    try:
+        yield
+    except _SlowBody:
+        raise ApiError(f"the request body did not arrive within {seconds:g} s", code="body_timeout",
+                       status=408) from None
+    finally:
+        timer.close()
+
+
+def _gevent_patched() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("socket")
 
 
 def _no_constant(name: str) -> Any:

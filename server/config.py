@@ -52,6 +52,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WORKER_CONNECTIONS", 10000, "Connections per gevent worker; every open stream and parked long poll "
             "holds one (10,000 idle ones measured ~135 MB).", int),
     Setting("ACCESS_LOG", "", "File for gunicorn's access log (`-` = stderr); empty = none.", str),
+    Setting("MAX_STREAMS", 2000, "Chat streams one worker holds at once (every door, streamed or not); more get 429 "
+            "`too_many_streams`. Kept below the connections the worker can hold, with room for agents.", int),
+    Setting("MAX_STREAMS_PER_CLIENT", 200, "Chat streams one client address holds at once per worker; more get 429 "
+            "`too_many_streams`.", int),
+    Setting("TRUST_FORWARDED_FOR", False, "Take the client address from the last `X-Forwarded-For` hop (behind "
+            "nginx: deploy/nginx.conf sets it); off = the socket's peer address.", _bool),
+    Setting("BODY_TIMEOUT", 10.0, "Seconds a client has to send a whole request body; slower ones get 408 and are "
+            "disconnected.", float),
     Setting("MAX_BODY_BYTES", 1024 * 1024, "Largest accepted request body; larger ones get 413.", int),
     Setting("MAX_CHUNKS_PER_POST", MAX_CHUNKS_PER_POST, "Chunks in one agent POST; more get 413 `too_many_chunks` "
             f"(agents send at most {MAX_CHUNKS_PER_POST}: keep it at least that).", int),

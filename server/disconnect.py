@@ -68,8 +68,9 @@ class DisconnectGuard:
     """
 
     def __init__(self, app: Flask, job_id: str, events: Iterator[Event], *,
-                 client_socket: socket.socket | None = None) -> None:
+                 client_socket: socket.socket | None = None, on_close: Callable[[], None] | None = None) -> None:
         self.app, self.job_id, self._events = app, job_id, events
+        self._on_close = on_close
         self._final = self._closed = self._left = False
         if open_streams(app).add(job_id) == 1:
             self._write(lambda conn: jobs.set_client_left(conn, job_id, None), "clear client_left_at")
@@ -90,6 +91,8 @@ class DisconnectGuard:
         if self._closed:
             return
         self._closed = True
+        if self._on_close is not None:
+            self._on_close()
         if self._watcher is not None:
             self._watcher.kill(block=True, timeout=1)
         if not self._final:

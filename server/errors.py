@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -126,9 +127,25 @@ def _render_os_error(exc: OSError):
                                      code="server_busy"))
 
 
+def _close_after_unread_body(response):
+    # A 408 (whatever the door's error shape) left the body unread: gunicorn would drain it before the
+    # next request on the connection, as slowly as the client sends it.  It ignores an application's
+    # Connection header, so the reading side is shut: the drain sees the end at once and the connection closes.
+    if response.status_code == 408:
+        response.headers["Connection"] = "close"
+        client = request.environ.get("gunicorn.socket")
+        if client is not None:
+            try:
+                client.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass            # already gone
+    return response
+
+
 def init_app(app: Flask) -> None:
     """Render every API error, ours and Werkzeug's, as the JSON envelope."""
     app.register_error_handler(ApiError, render)
+    app.after_request(_close_after_unread_body)
     app.register_error_handler(StorageError, _render_storage_error)
     app.register_error_handler(OSError, _render_os_error)
 

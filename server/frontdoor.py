@@ -20,7 +20,7 @@ from typing import Any
 
 from flask import current_app, request
 
-from . import body, streaming
+from . import body, limits, streaming
 from .disconnect import DisconnectGuard
 from .errors import BadRequest, NotFound
 from .storage import Connection, agents, close_db, get_db, jobs
@@ -81,17 +81,19 @@ def start_chat(conn: Connection, config: dict[str, Any], model: str, messages: l
 
 
 def start(model: str, messages: list[dict[str, str]], options: dict[str, Any], front_door: str) -> str:
-    """``start_chat`` for the current request."""
+    """``start_chat`` for the current request, once it has a stream slot (429 ``too_many_streams`` otherwise)."""
+    limits.admit()
     return start_chat(get_db(), current_app.config, model, messages, options, front_door)
 
 
 def guarded_events(job_id: str, after_seq: int = -1, *, status_events: bool = False) -> DisconnectGuard:
     """The job's events, cancelling it if the client leaves first (call inside the request)."""
     app = current_app._get_current_object()
+    slot = limits.hand_over()
     # The request is done with its connection: a stream borrows one per read, never holds one.
     close_db()
     return DisconnectGuard(app, job_id, streaming.follow(app, job_id, after_seq, status_events=status_events),
-                           client_socket=request.environ.get("gunicorn.socket"))
+                           client_socket=request.environ.get("gunicorn.socket"), on_close=slot.release)
 
 
 def collect(events: Iterator[streaming.Event]) -> Answer:
