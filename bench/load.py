@@ -389,6 +389,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an agent setting for the serving agents, e.g. BATCH_MODE=fixed; repeatable")
     add("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON (default: bench/results)")
     add("--keep", action="store_true", help="keep the work directory (databases, logs) even on success")
+    add("--scenario", choices=("load", "streams", "huge-posts", "post"), default="load",
+        help="load: this run; the others are bench/hostile.py's scenarios with their defaults (default: load)")
     return parser.parse_args(argv)
 
 
@@ -404,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         idle_fleet(options.url, options.creds, options.wait, options.spread)
         return 0
     args = parse_args(argv)
+    if args.scenario != "load":
+        from bench import hostile
+
+        return hostile.main(["--scenario", args.scenario, "--out", str(args.out)])
     workdir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-load-"))
     try:
         figures = run(args, workdir)
