@@ -229,7 +229,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--scenario", choices=SCENARIOS, required=True)
-    add("--streams", type=int, default=5000, help="streams: chat streams one client opens (default: %(default)s)")
+    add("--streams", type=int, default=5000, help="streams: chat streams opened (default: %(default)s)")
     add("--clients", type=int, default=1, help="streams: client addresses they come from (default: %(default)s)")
     add("--slow-bodies", type=int, default=300, help="streams: connections dribbling a body (default: %(default)s)")
     add("--seconds", type=float, default=30.0, help="how long the load lasts (default: %(default)s)")

@@ -389,7 +389,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an agent setting for the serving agents, e.g. BATCH_MODE=fixed; repeatable")
     add("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON (default: bench/results)")
     add("--keep", action="store_true", help="keep the work directory (databases, logs) even on success")
-    add("--scenario", choices=("load", "streams", "huge-posts", "post"), default="load",
+    from bench.hostile import SCENARIOS  # here: bench.hostile imports this module
+
+    add("--scenario", choices=("load", *SCENARIOS), default="load",
         help="load: this run; the others are bench/hostile.py's scenarios with their defaults (default: load)")
     return parser.parse_args(argv)
 
