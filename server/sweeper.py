@@ -70,9 +70,9 @@ class Sweeper:
         """One round; returns what changed (its waiters are woken by the writes themselves)."""
         now = time.time() if now is None else now
         cfg, store = self.app.config, get_storage(self.app)
-        if not store.health.ok:
-            # Agents' POSTs fail too: no lease is renewed, and nobody is to blame.  A write of our own
-            # finds out whether the database is back (the health listener then holds the leases).
+        if store.health.unsure:
+            # While writes fail, agents' POSTs fail too: no lease is renewed, and nobody is to blame.
+            # A write of our own finds out whether the database is back (the listener then renews leases).
             store.probe_write(conn)
         if not store.sweep_lock(conn):
             return []             # another host's sweeper is at it

@@ -28,7 +28,8 @@ import psycopg_pool
 from psycopg import pq
 
 from ..notifier import Notifier
-from .base import MIGRATIONS_ROOT, POOL_SIZE, Connection, Storage, StorageError, StorageHealth
+from .base import MIGRATIONS_ROOT, POOL_SIZE, Connection, Storage, StorageError
+from .health import StorageHealth
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from .base import (
     Storage,
     StorageBusy,
     StorageError,
-    StorageHealth,
 )
+from .health import StorageHealth
 
 T = TypeVar("T")
 

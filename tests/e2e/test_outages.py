@@ -137,11 +137,17 @@ def small_disk(tmp_path):
 def fill(disk: Path) -> Path:
     """Write a file until the disk is full; removing it gives the space back."""
     filler = disk / "filler"
-    with open(filler, "wb") as f:
+    block = b"\0" * 65536
+    # Unbuffered: a buffered file's close() would retry its last write and raise ENOSPC again.
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
-                f.write(b"\0" * 65536)
-                f.flush()
+                f.write(block)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        try:
+            while f.write(b"\0"):          # the last partial block's bytes
+                pass
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
     return filler
