@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from agent.backoff import Backoff
 from agent.config import DEFAULTS
-from agent.exceptions import JobGone, ProtocolError, SeqConflict, TransportError
+from agent.exceptions import JobGone, ProtocolError, SeqConflict, SignatureRejected, TransportError
+from protocol.wire import MAX_CHUNKS_PER_POST
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,10 @@ class TokenBatcher:
 
     def _cut(self) -> ChunkBatch:
         stats, error = self._finish or (None, None)
-        items = self._pending if self._max_items is None else self._pending[:self._max_items]
+        # At most MAX_CHUNKS_PER_POST (the server's 413 beyond), fewer where the job wants smaller POSTs: the
+        # rest goes in the next POST, and the end of the answer only with the last tokens.
+        limit = MAX_CHUNKS_PER_POST if self._max_items is None else min(self._max_items, MAX_CHUNKS_PER_POST)
+        items = self._pending[:limit]
         last = self._finish is not None and len(items) == len(self._pending)
         self._in_flight = ChunkBatch(self.job_id, self._acked, tuple(items), last,
                                      stats if last else None, error if last else None)
@@ -226,6 +230,10 @@ class TokenBatcher:
                 self._acknowledge(batch, exc.expected_seq, accepted=False)
             except JobGone:
                 self._cancel()
+            except SignatureRejected as exc:
+                # Revoked, or the clock jumped: the job cannot go on, and it is not a cancellation.
+                log.error("job %s: the server refused our signature: %s", self.job_id, exc)
+                self._give_up(exc)
             except Exception as exc:
                 log.exception("job %s: send raised unexpectedly; giving up the stream", self.job_id)
                 self._give_up(exc)

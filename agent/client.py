@@ -29,6 +29,8 @@ import requests
 from agent.batcher import ChunkBatch, SendReply
 from agent.exceptions import (
     AgentError,
+    AgentRevoked,
+    ClockSkew,
     JobGone,
     MalformedJob,
     ProtocolError,
@@ -128,9 +130,6 @@ class ServerClient:
     def _post_stream(self, body: dict) -> requests.Response:
         data = json.dumps(body, ensure_ascii=False).encode()
         response = self._request("POST", STREAM_PATH, data, self.read_timeout)
-        if response.status_code == 401:
-            # Mid-job, a rejected signature means the job cannot continue: stop it like a 410.
-            raise JobGone(f"server rejected our signature: {_server_message(response)}", status=401)
         if response.status_code != 200:
             raise self._error(response)
         return response
@@ -178,8 +177,16 @@ class ServerClient:
         if status in (403, 404, 410):
             return JobGone(message, status=status)
         if status == 401:
+            code = _error_field(response, "code")
+            if code == "agent_revoked":
+                return AgentRevoked(message, status=status)
+            if code == "stale_timestamp":
+                server_time = _error_field(response, "server_time")
+                offset = server_time - time.time() if isinstance(server_time, int | float) else None
+                return ClockSkew(offset)
             return SignatureRejected(message, status=status)
-        if status >= 500:
+        if status >= 500 or status == 429:
+            # 503 storage_unavailable, 429 too_many_requests: the server's trouble or its pace; retry later.
             return TransportError(f"server error {status}: {message}", status=status)
         return ProtocolError(f"unexpected {status}: {message}", status=status)
 
@@ -190,6 +197,15 @@ def environ_proxies(url: str) -> dict[str, str]:
     found = requests.utils.get_environ_proxies(url)  # {} when NO_PROXY covers the host
     proxy = found.get(scheme, found.get("all"))
     return {scheme: proxy} if proxy else {}
+
+
+def _error_field(response: requests.Response, name: str) -> object:
+    """A field of the server's error envelope, or None."""
+    try:
+        error = response.json()["error"]
+        return error.get(name) if isinstance(error, dict) else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _server_message(response: requests.Response) -> str:

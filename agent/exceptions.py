@@ -34,6 +34,19 @@ class SignatureRejected(AgentError):
     """401: the server does not accept our signature (wrong AGENT_ID/AGENT_SECRET, removed agent, clock skew)."""
 
 
+class AgentRevoked(SignatureRejected):
+    """401 ``agent_revoked``: an operator removed this agent; its credentials will never work again."""
+
+
+class ClockSkew(SignatureRejected):
+    """401 ``stale_timestamp``: this host's clock is ``offset`` seconds behind the server's (negative: ahead)."""
+
+    def __init__(self, offset: float | None, *, status: int | None = 401) -> None:
+        told = f"by {offset:+.0f} s" if offset is not None else "by more than the server allows"
+        super().__init__(f"this host's clock differs from the server's {told}: synchronise it (NTP)", status=status)
+        self.offset = offset
+
+
 class MalformedJob(AgentError):
     """A poll answered 200 with something that is not a valid job; `job_id` when it could be read."""
 

@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from agent.backend import BackendError, ChatStream
-from agent.exceptions import MalformedJob
+from agent.exceptions import MalformedJob, SignatureRejected
 from protocol.models import CHAT, EMBED, KINDS
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class JobRun:
         self._stopped = threading.Event()
         self._last_token_at = time.monotonic()
         self._first_token_at: float | None = None
+        self.failure: BaseException | None = None   # why the server refused the job's POSTs, if it did
         self.heartbeat_interval = max(MIN_HEARTBEAT_INTERVAL, job.lease_seconds / 3)
         self.thread = threading.Thread(target=self.run, name=f"job-{job.id[:12]}", daemon=True)
 
@@ -183,6 +184,11 @@ class JobRun:
             log.warning("%s: job %s failed in the backend: %s", self.name, self.job.id, error)
         if self._poster.cancelled:
             return JobOutcome.CANCELLED
+        if isinstance(self._poster.failed, SignatureRejected):
+            # Revoked or a clock that jumped: the job failed here, and saying "lost" or "cancelled" would lie.
+            self.failure = self._poster.failed
+            log.error("%s: job %s failed: %s", self.name, self.job.id, self.failure)
+            return JobOutcome.FAILED
         if self._poster.failed is not None:
             return JobOutcome.LOST
         error = error or self._abort_reason

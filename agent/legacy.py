@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from agent.client import ServerClient
 from agent.config import AgentConfig
-from agent.exceptions import AgentError, JobGone
+from agent.exceptions import AgentError, JobGone, SignatureRejected
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ class LegacyPoster:
                 cancelled = self._client.send_legacy(self.job_id, chunk, done, error)
             except JobGone:
                 cancelled = True
+            except SignatureRejected as exc:
+                log.error("job %s: the server refused our signature: %s", self.job_id, exc)
+                self.failed = exc
+                return False
             except AgentError as exc:
                 log.warning("job %s: POST failed, its chunk is lost (legacy: no retry): %s", self.job_id, exc)
                 return False

@@ -22,7 +22,16 @@ from agent.backoff import Backoff
 from agent.batcher import ChunkBatch, TokenBatcher
 from agent.client import ServerClient
 from agent.config import AgentConfig
-from agent.exceptions import AgentError, JobGone, MalformedJob, ProtocolError, SignatureRejected, TransportError
+from agent.exceptions import (
+    AgentError,
+    AgentRevoked,
+    ClockSkew,
+    JobGone,
+    MalformedJob,
+    ProtocolError,
+    SignatureRejected,
+    TransportError,
+)
 from agent.job import Job, JobRun, Poster
 from agent.legacy import LegacyPoster
 from protocol.models import EMBED, canonical_model
@@ -41,6 +50,8 @@ SHUTDOWN_REASON = "the agent shut down before the answer was complete"
 REPORT_AFTER_JOB_SECONDS = 2.0
 # Embedding vectors per POST: 8 vectors of 4,096 dimensions are ~650 KB of JSON, under the server's 1 MiB.
 EMBED_VECTORS_PER_POST = 8
+# Exit status once an operator removed the agent (`orchestrator agents remove`): a supervisor should not restart it.
+EXIT_REVOKED = 3
 
 
 class StopRequested(BaseException):
@@ -108,6 +119,7 @@ class Worker:
         self._loop_thread: threading.Thread | None = None
         self._server_state = ServerState.OK
         self._failures = 0
+        self._revoked: AgentRevoked | None = None
 
     def work(self) -> int:
         """Serve until a stop signal; returns the exit status. Raises `StartupError`."""
@@ -124,7 +136,7 @@ class Worker:
             pass
         finally:
             self._teardown()
-        return 0
+        return EXIT_REVOKED if self._revoked is not None else 0
 
     def request_stop(self, signum: int = signal.SIGTERM, frame: object = None) -> None:
         """Warm stop (a signal handler, also callable from tests); a second call is a cold stop."""
@@ -219,6 +231,13 @@ class Worker:
                                    None if self.config.legacy else self.backend.kinds)
         except TransportError as exc:
             return self._server_trouble(ServerState.UNREACHABLE, exc)
+        except AgentRevoked as exc:
+            self._revoke(exc)
+            return 0.0
+        except ClockSkew as exc:
+            if not self._answered:
+                raise StartupError(f"the server refused our timestamp: {exc}") from None
+            return self._server_trouble(ServerState.REJECTED, exc)
         except SignatureRejected as exc:
             if not self._answered:
                 raise StartupError(f"server rejected our signature: check AGENT_ID/AGENT_SECRET ({exc})") from None
@@ -310,6 +329,17 @@ class Worker:
         with self._lock:
             self._running.pop(run.job.id, None)
             self._models_due = min(self._models_due, time.monotonic() + REPORT_AFTER_JOB_SECONDS)
+        if isinstance(run.failure, AgentRevoked):
+            self._revoke(run.failure)
+        self._wakeup.wake()
+
+    def _revoke(self, exc: AgentRevoked) -> None:
+        """The server says an operator removed us: stop polling and exit with ``EXIT_REVOKED``."""
+        if self._revoked is None:
+            self._revoked = exc
+            log.error("%s: revoked by the server (%s): exiting with status %d; register a new agent to serve again",
+                      self.name, exc, EXIT_REVOKED)
+        self._stop_requested = True
         self._wakeup.wake()
 
     def _teardown(self) -> None:

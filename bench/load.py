@@ -390,9 +390,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="an agent setting for the serving agents, e.g. BATCH_MODE=fixed; repeatable")
     add("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON (default: bench/results)")
     add("--keep", action="store_true", help="keep the work directory (databases, logs) even on success")
-    add("--scenario", choices=("idle", "scaling", "all"), default="all",
+    from bench.hostile import SCENARIOS  # here: bench.hostile imports this module
+
+    add("--scenario", choices=("all", "idle", "scaling", *SCENARIOS), default="all",
         help="idle: the parked fleet and streaming chats above; scaling: bench/scaling.py's table (engines, "
-        "workers, hosts); all: both (default: %(default)s)")
+        "workers, hosts); all: both (default); " + ", ".join(SCENARIOS) + ": bench/hostile.py's scenarios")
     scaling.add_arguments(parser.add_argument_group("scaling (python -m bench.scaling)"))
     args = parser.parse_args(argv)
     if args.engine or args.workers or args.hosts:
@@ -412,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         idle_fleet(options.url, options.creds, options.wait, options.spread)
         return 0
     args = parse_args(argv)
+    if args.scenario not in ("all", "idle", "scaling"):
+        from bench import hostile
+
+        return hostile.main(["--scenario", args.scenario, "--out", str(args.out)])
     status = run_idle(args) if args.scenario in ("idle", "all") else 0
     if args.scenario in ("scaling", "all"):
         status = max(status, run_scaling(args))

@@ -28,6 +28,7 @@ import requests
 
 from agent.config import DEFAULTS as AGENT_DEFAULTS
 from agent.config import SETTINGS as AGENT_SETTINGS
+from protocol.signing import derive_key
 from server.storage import agents, migrated
 from server.storage.agents import AgentCredentials
 
@@ -162,9 +163,10 @@ class LiveServer(Process):
     """
 
     def __init__(self, database: str | Path, log_path: Path, env: Mapping[str, object] | None = None, *,
-                 port: int = 0, host: str = "127.0.0.1", name: str = "server") -> None:
+                 port: int = 0, host: str = "127.0.0.1", name: str = "server", prefix: Sequence[str] = ()) -> None:
         super().__init__(name, [], log_path)
         self.database, self.port, self.host = str(database), port, host
+        self.prefix = list(prefix)      # runs the server, e.g. under another open-files limit
         self.env.update({k: str(v) for k, v in (env or {}).items()})
 
     @property
@@ -174,7 +176,7 @@ class LiveServer(Process):
     def launch(self) -> LiveServer:
         """Start it (on a free port unless it has one) without waiting; see `wait_ready`."""
         self.port = self.port or free_port()
-        self.argv = [sys.executable, "-m", "server", "serve", "--db", self.database,
+        self.argv = [*self.prefix, sys.executable, "-m", "server", "serve", "--db", self.database,
                      "--host", self.host, "--port", str(self.port)]
         super().start()
         return self
@@ -188,8 +190,8 @@ class LiveServer(Process):
         return self.launch().wait_ready(timeout)
 
     def add_agent(self, name: str = "agent") -> AgentCredentials:
-        """Register agent ``name`` in this server's database."""
-        return register_agents(self.database, [name])[0]
+        """Register agent ``name`` in this server's database (its key wrapped with the server's ORCH_SECRET_KEY)."""
+        return register_agents(self.database, [name], self.env.get("ORCH_SECRET_KEY", ""))[0]
 
     def _answers(self) -> bool:
         self.check_alive()
@@ -203,10 +205,10 @@ class LiveServer(Process):
             conn.close()
 
 
-def register_agents(database: str | Path, names: Sequence[str]) -> list[AgentCredentials]:
+def register_agents(database: str | Path, names: Sequence[str], secret_key: str = "") -> list[AgentCredentials]:
     """Register agents ``names`` in one transaction (as `orchestrator agents add` does), migrating first."""
     with migrated(str(database)) as conn, conn.transaction():
-        return [agents.add_agent(conn, name) for name in names]
+        return [agents.add_agent(conn, name, secret_key=secret_key) for name in names]
 
 
 def agent_online(database: str | Path, agent_id: str, window: float = ONLINE_WINDOW) -> dict | None:
@@ -218,10 +220,11 @@ def agent_online(database: str | Path, agent_id: str, window: float = ONLINE_WIN
         return next((a for a in agents.online(conn, time.time(), window) if a["id"] == agent_id), None)
 
 
-def agent_registered(database: str | Path, creds: AgentCredentials) -> bool:
+def agent_registered(database: str | Path, creds: AgentCredentials, secret_key: str = "") -> bool:
     """Whether ``creds`` still sign for an active agent of this database."""
     with migrated(str(database)) as conn:
-        return agents.secret_for(conn, creds.id) == creds.secret
+        found = agents.signing_key(conn, creds.id, secret_key)
+    return found is not None and not found.removed and found.key == derive_key(creds.secret)
 
 
 # --- the simulator -----------------------------------------------------------------------

@@ -9,3 +9,6 @@ STREAM_PATH = "/api/v1/inference/stream"
 MODELS_PATH = "/api/v1/inference/models"
 # POST, no body: the agent is leaving (a warm stop): it takes no more jobs and is not offered as online.
 LEAVE_PATH = "/api/v1/inference/leave"
+# Chunks in one POST: every server accepts at least this many (ORCH_MAX_CHUNKS_PER_POST), and the
+# reference agent never sends more in one batch.
+MAX_CHUNKS_PER_POST = 1000

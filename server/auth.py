@@ -10,8 +10,8 @@ from flask import current_app, g, request
 
 from protocol import signing
 
-from . import body
-from .errors import Unauthorized
+from . import body, replay
+from .errors import TooManyRequests, Unauthorized
 from .storage import agents, get_db
 
 
@@ -25,7 +25,10 @@ def _path_and_query() -> str:
 
 
 def verify_agent() -> str:
-    """Check the request's signature; returns the agent id or raises 401."""
+    """Check the request's signature and nonce; returns the agent id or raises 401 (429: nonce memory full).
+
+    Any signed request goes through here: polls, chunk POSTs, and later the WebSocket upgrade.
+    """
     agent_id = request.headers.get(signing.HEADER_ID)
     timestamp = request.headers.get(signing.HEADER_TIMESTAMP)
     signature = request.headers.get(signing.HEADER_SIGNATURE)
@@ -35,18 +38,63 @@ def verify_agent() -> str:
         sent_at = int(timestamp)
     except ValueError:
         raise Unauthorized("X-Agent-Timestamp must be unix seconds", code="bad_timestamp") from None
-    skew = current_app.config["SIGNATURE_SKEW"]
+    config, now_ns = current_app.config, time.time_ns()
+    skew = config["SIGNATURE_SKEW"]
     # In integer nanoseconds: a timestamp of hundreds of digits overflowed a float subtraction (a 500).
-    if abs(time.time_ns() - sent_at * 1_000_000_000) > skew * 1e9:
+    if abs(now_ns - sent_at * 1_000_000_000) > skew * 1e9:
+        # The server's clock in the answer: the agent can say by how much its own is off.
         raise Unauthorized(f"X-Agent-Timestamp is more than {skew:g} s from the server's clock (ORCH_SIGNATURE_SKEW):"
-                           " synchronise this host's clock (NTP)", code="stale_timestamp")
-    secret = agents.secret_for(get_db(), agent_id)
+                           " synchronise this host's clock (NTP)", code="stale_timestamp",
+                           extra={"server_time": now_ns / 1e9})
+    nonce = _nonce(config["ALLOW_NO_NONCE"])
+    found = agents.signing_key(get_db(), agent_id, config["SECRET_KEY"])
     # One message for unknown agents and bad signatures: don't reveal which ids exist.
-    if secret is None or not signing.verify(secret, signature, request.method, _path_and_query(), timestamp,
-                                            body.raw_body()):
+    if found is None or not signing.verify_with_key(found.key, signature, request.method, _path_and_query(),
+                                                    timestamp, body.raw_body(), nonce):
         raise Unauthorized("bad signature or unknown agent: check AGENT_ID/AGENT_SECRET", code="bad_signature")
+    if found.removed:
+        _revoked(agent_id)
+    if nonce:
+        _remember(agent_id, nonce, sent_at, now_ns / 1e9)
     g.agent_id = agent_id
     return agent_id
+
+
+def _nonce(allow_none: bool) -> str:
+    nonce = request.headers.get(signing.HEADER_NONCE, "")
+    if nonce and not signing.NONCE.fullmatch(nonce):
+        raise Unauthorized("X-Agent-Nonce must be 16 to 64 characters of A-Z a-z 0-9 _ -", code="bad_nonce")
+    if not nonce and not allow_none:
+        raise Unauthorized("X-Agent-Nonce is required: upgrade the agent (or set ORCH_ALLOW_NO_NONCE=1 on the "
+                           "server for agents that cannot send one)", code="missing_nonce")
+    return nonce
+
+
+def _remember(agent_id: str, nonce: str, sent_at: int, now: float) -> None:
+    try:
+        nonce_memory(current_app).accept(agent_id, nonce, sent_at, now)
+    except replay.Replayed:
+        raise Unauthorized("this request was already received (its X-Agent-Nonce was used): a replay",
+                           code="replayed_request") from None
+    except replay.MemoryFull:
+        raise TooManyRequests("too many requests from this agent inside the signature window: slow down",
+                              code="too_many_requests") from None
+
+
+def _revoked(agent_id: str) -> None:
+    """401 ``agent_revoked``, after ending the removed agent's jobs (their streams are told at once)."""
+    with get_db().transaction() as conn:
+        agents.fail_revoked_jobs(conn, agent_id, time.time())
+    raise Unauthorized("this agent was removed by an operator (orchestrator agents remove)", code="agent_revoked")
+
+
+def nonce_memory(app) -> replay.NonceMemory:
+    """The app's memory of agents' nonces (per process)."""
+    memory = app.extensions.get("nonces")
+    if memory is None:
+        memory = app.extensions.setdefault(
+            "nonces", replay.NonceMemory(app.config["SIGNATURE_SKEW"], app.config["NONCES_PER_AGENT"]))
+    return memory
 
 
 def agent_required(view: Callable) -> Callable:

@@ -141,8 +141,9 @@ def _resume_point() -> int:
         after = int(raw)
     except ValueError:
         raise BadRequest("Last-Event-ID / ?after= must be a chunk number", code="invalid_field") from None
-    if after < -1:
-        raise BadRequest("Last-Event-ID / ?after= must be -1 or more", code="invalid_field")
+    if not -1 <= after <= body.MAX_SEQ:
+        # Past 64 bits the database driver overflows mid-stream (a dropped connection, not an answer).
+        raise BadRequest(f"Last-Event-ID / ?after= must be from -1 to {body.MAX_SEQ}", code="invalid_field")
     return after
 
 

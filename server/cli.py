@@ -94,8 +94,9 @@ def cmd_agents_add(args: argparse.Namespace) -> int:
     url, _ = _database(args)
     if _created(url):
         print(f"orchestrator: creating a new database at {url}", file=sys.stderr)
+    secret_key = load_config()["SECRET_KEY"]
     with migrated(url) as conn:
-        creds = agents.add_agent(conn, args.name)
+        creds = agents.add_agent(conn, args.name, secret_key=secret_key)
     if args.json:
         print(json.dumps({"id": creds.id, "secret": creds.secret}))
     else:

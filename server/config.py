@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.wire import MAX_CHUNKS_PER_POST
+
 ENV_PREFIX = "ORCH_"
 
 
@@ -50,10 +52,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WORKER_CONNECTIONS", 10000, "Connections per gevent worker; every open stream and parked long poll "
             "holds one (10,000 idle ones measured ~135 MB).", int),
     Setting("ACCESS_LOG", "", "File for gunicorn's access log (`-` = stderr); empty = none.", str),
+    Setting("MAX_STREAMS", 2000, "Chat streams one worker holds at once (every door, streamed or not); more get 429 "
+            "`too_many_streams`. Kept below the connections the worker can hold, with room for agents.", int),
+    Setting("MAX_STREAMS_PER_CLIENT", 200, "Chat streams one client address holds at once per worker; more get 429 "
+            "`too_many_streams`.", int),
+    Setting("TRUST_FORWARDED_FOR", False, "Take the client address from the last `X-Forwarded-For` hop (behind "
+            "nginx: deploy/nginx.conf sets it); off = the socket's peer address.", _bool),
+    Setting("BODY_TIMEOUT", 10.0, "Seconds a client has to send a whole request body; slower ones get 408 and are "
+            "disconnected.", float),
     Setting("MAX_BODY_BYTES", 1024 * 1024, "Largest accepted request body; larger ones get 413.", int),
+    Setting("MAX_CHUNKS_PER_POST", MAX_CHUNKS_PER_POST, "Chunks in one agent POST; more get 413 `too_many_chunks` "
+            f"(agents send at most {MAX_CHUNKS_PER_POST}: keep it at least that).", int),
     Setting("ADMIN_TOKEN", "", "Bearer token for admin endpoints (`/api/v1/agents`, status); empty = open.", str),
     Setting("API_KEYS", (), "Comma-separated API keys; when set, user endpoints need `Authorization: Bearer <key>`.", _keys),
     Setting("SIGNATURE_SKEW", 60.0, "Seconds an agent's `X-Agent-Timestamp` may differ from the server clock.", float),
+    Setting("ALLOW_NO_NONCE", False, "Accept agent requests without `X-Agent-Nonce` (agents older than the nonce; "
+            "such requests can be replayed within the skew window).", _bool),
+    Setting("NONCES_PER_AGENT", 100_000, "Nonces remembered per agent over the skew window, per process; an agent "
+            "sending more gets 429 (100,000 is 800 requests/s at the default skew).", int),
+    Setting("SECRET_KEY", "", "Server key that wraps the agents' signing keys in the database (32+ random "
+            "characters); empty = stored unwrapped. Keep it out of the database's backups.", str),
     Setting("LEASE_SECONDS", 30.0, "A running job's lease; every POST from its agent renews it.", float),
     Setting("DELIVERY_LEASE_SECONDS", 5.0, "How long a handed-out job waits for its agent's first POST before it is requeued.", float),
     Setting("MAX_ATTEMPTS", 3, "Times a job may be handed out before it fails.", int),

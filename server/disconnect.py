@@ -68,9 +68,11 @@ class DisconnectGuard:
     """
 
     def __init__(self, app: Flask, job_id: str, events: Iterator[Event], *,
-                 client_socket: socket.socket | None = None, grace: float | None = None) -> None:
+                 client_socket: socket.socket | None = None, grace: float | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.app, self.job_id, self._events = app, job_id, events
         self.grace = app.config["CANCEL_GRACE"] if grace is None else grace
+        self._on_close = on_close
         self._final = self._closed = self._left = False
         if open_streams(app).add(job_id) == 1:
             self._write(lambda conn: jobs.set_client_left(conn, job_id, None), "clear client_left_at")
@@ -91,6 +93,8 @@ class DisconnectGuard:
         if self._closed:
             return
         self._closed = True
+        if self._on_close is not None:
+            self._on_close()
         if self._watcher is not None:
             self._watcher.kill(block=True, timeout=1)
         if not self._final:
@@ -119,9 +123,10 @@ class DisconnectGuard:
         try:
             with get_storage(self.app).connection() as conn:
                 return action(conn)
-        except StorageError:
-            log.error("job %s: could not %s; the sweeper will not see this stream's end", self.job_id,
-                      what, exc_info=True)
+        except StorageError as exc:
+            # One line, no traceback: the storage's health logs the outage itself.
+            log.warning("job %s: could not %s (%s); the sweeper will not see this stream's end", self.job_id,
+                        what, exc)
             return None
 
 

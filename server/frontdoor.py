@@ -26,7 +26,7 @@ from flask import current_app, request
 
 from protocol.models import EMBED, canonical_model
 
-from . import body, features, streaming
+from . import body, features, limits, streaming
 from .disconnect import DisconnectGuard
 from .errors import BadRequest, NotFound
 from .storage import Connection, agents, close_db, get_db, jobs
@@ -89,7 +89,7 @@ def validate_chat(payload: dict[str, Any]) -> tuple[str, list[dict[str, Any]], d
 def validate_model(payload: dict[str, Any]) -> str:
     if payload.get("model") is None:
         raise BadRequest("'model' is required", code="invalid_field")
-    return body.text(payload["model"], "model")
+    return body.model_name(payload["model"])
 
 
 def start_chat(conn: Connection, config: dict[str, Any], model: str, messages: list[dict[str, Any]],
@@ -113,7 +113,8 @@ def start_chat(conn: Connection, config: dict[str, Any], model: str, messages: l
 
 def start(model: str, messages: list[dict[str, Any]], options: dict[str, Any], front_door: str,
           request_fields: dict[str, Any] | None = None) -> str:
-    """``start_chat`` for the current request."""
+    """``start_chat`` for the current request, once it has a stream slot (429 ``too_many_streams`` otherwise)."""
+    limits.admit()
     return start_chat(get_db(), current_app.config, model, messages, options, front_door, request_fields)
 
 
@@ -134,8 +135,11 @@ def guarded_events(job_id: str, after_seq: int = -1, *, status_events: bool = Fa
     # borrowing another would deadlock a bounded pool (PostgreSQL's) under load.
     close_db()
     app = current_app._get_current_object()
+    slot = limits.hand_over()
+    # The request is done with its connection: a stream borrows one per read, never holds one.
+    close_db()
     return DisconnectGuard(app, job_id, streaming.follow(app, job_id, after_seq, status_events=status_events),
-                           client_socket=request.environ.get("gunicorn.socket"), grace=grace)
+                           client_socket=request.environ.get("gunicorn.socket"), grace=grace, on_close=slot.release)
 
 
 def collect(events: Iterator[streaming.Event]) -> Answer:

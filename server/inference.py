@@ -18,18 +18,17 @@ from werkzeug.datastructures import MultiDict
 from protocol import deltas
 from protocol.deltas import STATS_FIELDS, Delta
 from protocol.models import KINDS, LEGACY_KINDS, canonical_model
-from protocol.wire import LEAVE_PATH, MODELS_PATH, POLL_PATH, STREAM_PATH
+from protocol.wire import LEAVE_PATH, MAX_CHUNKS_PER_POST, MODELS_PATH, POLL_PATH, STREAM_PATH
 
 from . import body, reports
 from .auth import agent_required
-from .errors import BadRequest
+from .errors import BadRequest, PayloadTooLarge
 from .notifier import ANY_MODEL_KEY, queue_key
 from .storage import agents, chunks, close_db, get_db, get_storage, jobs
 
 bp = Blueprint("inference", __name__)
 
 MAX_MODELS = 100
-MAX_MODEL_NAME = 200
 MAX_SLOTS = 1000
 
 
@@ -87,9 +86,9 @@ def poll_params(args: MultiDict, max_wait: float) -> PollParams:
     if "models" in args:
         models = list(dict.fromkeys(m.strip() for raw in args.getlist("models") for m in raw.split(",")
                                     if m.strip()))
-        if len(models) > MAX_MODELS or any(len(m) > MAX_MODEL_NAME or not m.isprintable() for m in models):
-            raise BadRequest(f"'models' takes at most {MAX_MODELS} printable names of at most "
-                             f"{MAX_MODEL_NAME} characters", code="invalid_query")
+        if len(models) > MAX_MODELS or not all(map(body.is_model_name, models)):
+            raise BadRequest(f"'models' takes at most {MAX_MODELS} names of at most {body.MAX_MODEL_NAME} "
+                             "characters without control characters or line breaks", code="invalid_query")
     slots = _query_number(args, "slots", 1, int)
     if not 0 <= slots <= MAX_SLOTS:
         raise BadRequest(f"'slots' must be between 0 and {MAX_SLOTS}", code="invalid_query")
@@ -180,7 +179,7 @@ def leave():
 @bp.post(STREAM_PATH)
 @agent_required
 def stream():
-    post = chunk_post(body.json_object())
+    post = chunk_post(body.json_object(), current_app.config["MAX_CHUNKS_PER_POST"])
     # The stream following the job is woken as the transaction commits.
     result = chunks.append_chunks(get_db(), g.agent_id, post.id, post.seq, post.chunks, post.done, time.time(),
                                   current_app.config["LEASE_SECONDS"], post.stats, post.error)
@@ -194,8 +193,8 @@ def stream():
     return jsonify(ok=True, cancelled=result.cancelled, next_seq=result.next_seq)
 
 
-def chunk_post(payload: dict[str, Any]) -> ChunkPost:
-    """Check a stream POST body, batched or legacy; BadRequest names the bad field."""
+def chunk_post(payload: dict[str, Any], max_chunks: int = MAX_CHUNKS_PER_POST) -> ChunkPost:
+    """Check a stream POST body, batched or legacy; BadRequest names the bad field, 413 past ``max_chunks``."""
     if payload.get("id") is None:
         raise BadRequest("'id' is required", code="missing_field")
     job_id = body.text(payload["id"], "id")
@@ -205,7 +204,7 @@ def chunk_post(payload: dict[str, Any]) -> ChunkPost:
             raise BadRequest("send 'chunks' (a list) or the legacy 'chunk', not both", code="invalid_field")
         if seq is None:
             raise BadRequest("'seq' is required with 'chunks'", code="missing_field")
-        chunks = _chunk_list(payload["chunks"])
+        chunks = _chunk_list(payload["chunks"], max_chunks)
     elif payload.get("chunk") is not None:
         text = body.text(payload["chunk"], "chunk", allow_empty=True)
         # An empty legacy chunk adds nothing to the answer: store nothing.
@@ -219,9 +218,14 @@ def chunk_post(payload: dict[str, Any]) -> ChunkPost:
     return ChunkPost(job_id, seq, chunks, done, _stats(payload.get("stats")), error)
 
 
-def _chunk_list(value: Any) -> list[str | Delta]:
+def _chunk_list(value: Any, max_chunks: int) -> list[str | Delta]:
     if not isinstance(value, list):
         raise BadRequest("'chunks' must be a list of strings or chunk objects", code="invalid_field")
+    if len(value) > max_chunks:
+        # 200,000 one-character chunks fit in 1 MiB and held the worker for 3 s in one insert.
+        raise PayloadTooLarge(f"{len(value)} chunks in one POST; the server's limit is {max_chunks} "
+                              "(ORCH_MAX_CHUNKS_PER_POST): send smaller batches",
+                              code="too_many_chunks", extra={"max_chunks": max_chunks})
     if all(type(c) is str for c in value):
         # The common case, plain text: one encode for the batch instead of one per chunk finds
         # lone surrogates (valid JSON escapes that SQLite cannot store as UTF-8).

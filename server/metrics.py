@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .auth import admin_required
 from .errors import ApiError
-from .storage import StorageError, get_db, get_storage, migrations, stats
+from .storage import StorageError, agents, get_db, get_storage, migrations, stats
 
 bp = Blueprint("metrics", __name__)
 
@@ -35,6 +35,11 @@ FIRST_TOKEN_MEMORY = 10_000
 # Finished requests are counted this long after their finished_at: another worker process may
 # commit a row stamped a moment before one this process already counted.
 SETTLE_SECONDS = 2.0
+# /healthz waits this long for a locked database's write lock before it answers 503.
+HEALTH_WRITE_DEADLINE = 0.5
+# Queue depth is labelled by model only for models online agents declare, at most this many.
+MAX_MODEL_LABELS = 100
+OTHER_MODELS = "(other)"
 
 
 class Metrics:
@@ -112,10 +117,11 @@ class DatabaseCollector:
             states.add_metric([state], count)
         yield states
 
-        depth = GaugeMetricFamily("orchestrator_queue_depth", "Queued requests per model.", labels=["model"])
-        for entry in stats.queue_by_model(conn):
-            if entry["queued"]:
-                depth.add_metric([entry["model"]], entry["queued"])
+        depth = GaugeMetricFamily("orchestrator_queue_depth", "Queued requests per model (models no online agent "
+                                  f"declares are summed under model=\"{OTHER_MODELS}\").", labels=["model"])
+        declared = {m for agent in agents.online(conn, now, self.online_window) for m in agent["models"]}
+        for model, queued in model_labels(stats.queue_by_model(conn), declared).items():
+            depth.add_metric([model], queued)
         yield depth
 
         totals = stats.agent_totals(conn, now, self.online_window)
@@ -139,6 +145,22 @@ class DatabaseCollector:
         for status, count in self._finished.items():
             family.add_metric([status], count)
         return family
+
+
+def model_labels(queues: list[dict[str, Any]], declared: set[str]) -> dict[str, int]:
+    """Queued jobs per model label: a model no online agent declares folds into ``OTHER_MODELS``.
+
+    When an agent declares no models, any name is queued; as label values those names would
+    let any client grow the scrape (and Prometheus' series) without bound.
+    """
+    labels: dict[str, int] = {}
+    for entry in queues:
+        if not entry["queued"]:
+            continue
+        known = entry["model"] in declared and len(labels) < MAX_MODEL_LABELS
+        label = entry["model"] if known else OTHER_MODELS
+        labels[label] = labels.get(label, 0) + entry["queued"]
+    return labels
 
 
 def current_metrics() -> Metrics:
@@ -201,11 +223,12 @@ def metrics_page() -> Response:
 
 @bp.get("/healthz")
 def healthz() -> dict[str, Any]:
-    """200 when the database answers and its schema is current; 503 otherwise."""
+    """200 when the database answers, takes a write and its schema is current; 503 saying why otherwise."""
+    store = get_storage()
     try:
         conn = get_db()
         conn.execute("SELECT 1").fetchone()
-        waiting = migrations.pending(get_storage(), conn=conn)
+        waiting = migrations.pending_on(store, conn)
     except (StorageError, OSError) as exc:
         raise ApiError(f"the database is unreachable: {exc}", code="database_unreachable", status=503) from None
     except migrations.MigrationError as exc:
@@ -213,4 +236,12 @@ def healthz() -> dict[str, Any]:
     if waiting:
         raise ApiError(f"{len(waiting)} migration(s) pending: {', '.join(m.name for m in waiting)}",
                        code="migrations_pending", status=503)
+    try:
+        # A real write, waited for briefly: a locked database or a full disk must not pass as healthy.
+        with conn.patience(HEALTH_WRITE_DEADLINE):
+            store.probe_write(conn)
+    except StorageError as exc:
+        raise ApiError(f"storage cannot write: {exc}", code="storage_unavailable", status=503) from None
+    if not store.health.ok:
+        raise ApiError(f"storage cannot write: {store.health.failing}", code="storage_unavailable", status=503)
     return {"status": "ok", "database": "ok", "migrations": "current"}

@@ -62,7 +62,7 @@ def _answer(payload: dict[str, Any], messages: Any, kind: str):
     stream = body.boolean(payload.get("stream", True), "stream")
     if messages == []:
         # Ollama's "load a model" request: no prompt, one final object, even when streaming.
-        model = body.text(payload.get("model"), "model") if payload.get("model") is not None else ""
+        model = body.model_name(payload.get("model")) if payload.get("model") is not None else ""
         if not frontdoor.serves(model):
             raise model_not_found(model)
         reason = "unload" if payload.get("keep_alive") == 0 else "load"

@@ -13,7 +13,8 @@ from flask import Blueprint, jsonify
 from werkzeug.exceptions import HTTPException
 
 from . import streaming
-from .errors import ApiError
+from .errors import ApiError, storage_unavailable
+from .storage import StorageError
 
 NDJSON = "application/x-ndjson"
 STATS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count",
@@ -38,6 +39,7 @@ def install_error_handlers(bp: Blueprint) -> None:
     """Render OllamaError, the shared ApiError checks and Werkzeug's errors in Ollama's shape on ``bp``."""
     bp.register_error_handler(OllamaError, render)
     bp.register_error_handler(ApiError, lambda exc: render(OllamaError(exc.message, exc.status)))
+    bp.register_error_handler(StorageError, lambda exc: render(OllamaError(storage_unavailable(exc).message, 503)))
     bp.register_error_handler(HTTPException,
                               lambda exc: render(OllamaError(exc.description or exc.name, exc.code or 500)))
 

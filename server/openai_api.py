@@ -22,7 +22,8 @@ from protocol.models import canonical_model
 
 from . import body, features, frontdoor, openai_wire, streaming
 from .auth import api_key_required
-from .errors import ApiError
+from .errors import ApiError, storage_unavailable
+from .storage import StorageError
 
 bp = Blueprint("openai_api", __name__)
 
@@ -57,6 +58,12 @@ def _render_api_error(exc: ApiError):
     # The shared checks (body, API key, model lookup) speak the native envelope; translate.
     param = "model" if exc.code == "model_not_found" else _param_named_in(exc.message)
     return _render(OpenAIError(exc.message, exc.status, param=param, code=exc.code))
+
+
+@bp.errorhandler(StorageError)
+def _render_storage_error(exc: StorageError):
+    api = storage_unavailable(exc)
+    return _render(OpenAIError(api.message, api.status, code=api.code))
 
 
 @bp.errorhandler(HTTPException)

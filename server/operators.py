@@ -66,7 +66,7 @@ def status_series():
 
 def _minutes_param(default: int) -> int:
     raw = request.args.get("minutes", str(default))
-    # Not str.isdigit(): it accepts "²" and other digits int() refuses (a 500).
+    # Not str.isdigit() alone: it accepts "²" and other digits int() refuses (a 500).
     if not re.fullmatch(r"[0-9]{1,3}", raw) or not 1 <= int(raw) <= MAX_WINDOW_MINUTES:
         raise BadRequest(f"minutes must be a whole number from 1 to {MAX_WINDOW_MINUTES}", code="bad_window")
     return int(raw)

@@ -153,15 +153,26 @@ def _next_events(app: Flask, job_id: str, cursor: _Cursor) -> list[Event]:
         with get_storage(app).connection() as conn:
             progress = jobs.progress(conn, job_id, cursor.last_seq, cursor.reports_status)
     except StorageError as exc:
-        log.error("stream of job %s: database read failed (%s); ending it with an error", job_id, exc)
-        progress, error = None, ErrorEvent("storage_unavailable", "the server's database is unavailable: resume this "
-                                           f"stream later with GET /api/v1/chat/stream/{job_id} and Last-Event-ID")
+        log.info("stream of job %s: database read failed (%s); ending it with an error", job_id, exc)
+        progress, error = None, _unavailable(job_id)
     else:
         error = ErrorEvent("not_found", f"no request {job_id}")
     if progress is None:
         cursor.finished = True
         return [error]
-    return cursor.advance(progress)
+    events = cursor.advance(progress)
+    health = get_storage(app).health
+    if not cursor.finished and not health.ok:
+        # The database cannot write: no agent can store the rest now, and blaming it later
+        # (agent_lost) would be wrong.  The client resumes once /healthz is back to 200.
+        cursor.finished = True
+        events.append(_unavailable(job_id))
+    return events
+
+
+def _unavailable(job_id: str) -> ErrorEvent:
+    return ErrorEvent("storage_unavailable", "the server's database is unavailable: resume this stream later with "
+                      f"GET /api/v1/chat/stream/{job_id} and Last-Event-ID")
 
 
 def _idle(app: Flask, key: str, version: int, quiet_since: float) -> Generator[KeepaliveEvent, None, float]:

@@ -10,9 +10,12 @@ from enum import StrEnum
 from typing import Any
 
 from protocol.models import CHAT, LEGACY_KINDS, canonical_model
+from protocol.signing import derive_key
 
+from .. import keywrap
 from ..config import DEFAULTS
 from ..errors import Unauthorized
+from ..notifier import job_key
 from .base import Connection
 
 
@@ -22,25 +25,96 @@ class AgentCredentials:
     secret: str
 
 
-def add_agent(conn: Connection, name: str, now: float | None = None) -> AgentCredentials:
-    """Register an agent; the secret is returned here and never shown again."""
+@dataclass(frozen=True)
+class SigningKey:
+    """What verifies an agent's signatures (``derive_key`` of its secret), and whether it was removed."""
+
+    key: bytes
+    removed: bool
+
+
+def add_agent(conn: Connection, name: str, now: float | None = None, *, secret_key: str = "") -> AgentCredentials:
+    """Register an agent; the secret is returned here, never stored and never shown again.
+
+    The database keeps its signing key, wrapped with ``secret_key`` (``ORCH_SECRET_KEY``) when one is set.
+    """
     creds = AgentCredentials("agt_" + uuid.uuid4().hex[:16], secrets.token_urlsafe(32))
-    conn.execute("INSERT INTO agents (id, name, secret, created_at) VALUES (?, ?, ?, ?)",
-               (creds.id, name, creds.secret, now if now is not None else time.time()))
+    conn.execute("INSERT INTO agents (id, name, secret, verifier, created_at) VALUES (?, ?, '', ?, ?)",
+                 (creds.id, name, keywrap.seal(derive_key(creds.secret), secret_key),
+                  now if now is not None else time.time()))
     return creds
 
 
+REVOKED_MESSAGE = "the agent serving this request was removed by an operator"
+
+
 def remove_agent(conn: Connection, agent_id: str, now: float | None = None) -> bool:
-    """Mark an agent removed: its signatures stop working at once. True if it existed."""
-    cursor = conn.execute("UPDATE agents SET removed_at = ? WHERE id = ? AND removed_at IS NULL",
-                        (now if now is not None else time.time(), agent_id))
-    return cursor.rowcount > 0
+    """Remove an agent: its signatures stop working and its running jobs fail (``agent_revoked``) at once.
+
+    True if it existed.  One transaction; the jobs' streams are woken when it commits.
+    """
+    now = now if now is not None else time.time()
+    with conn.transaction():
+        cursor = conn.execute("UPDATE agents SET removed_at = ? WHERE id = ? AND removed_at IS NULL", (now, agent_id))
+        removed = cursor.rowcount > 0
+        if removed:
+            fail_revoked_jobs(conn, agent_id, now)
+    return removed
 
 
-def secret_for(conn: Connection, agent_id: str) -> str | None:
-    """The secret of an active agent, or None if unknown or removed."""
-    row = conn.execute("SELECT secret FROM agents WHERE id = ? AND removed_at IS NULL", (agent_id,)).fetchone()
-    return row[0] if row else None
+def fail_revoked_jobs(conn: Connection, agent_id: str, now: float) -> list[str]:
+    """Fail the removed agent's active jobs with ``agent_revoked`` and wake their streams; returns their ids.
+
+    Jobs the CLI already failed are woken again: on SQLite the CLI's wake-ups reach no server
+    process, so the server calls this when the revoked agent's next request arrives.
+    """
+    rows = conn.execute(
+        """UPDATE jobs SET status = 'failed', finished_at = ?, lease_expires = NULL, error_code = 'agent_revoked',
+               error_message = ? WHERE agent_id = ? AND status IN ('delivered', 'running') RETURNING id""",
+        (now, REVOKED_MESSAGE, agent_id)).fetchall()
+    failed = [row[0] for row in rows]
+    failed += [row[0] for row in conn.execute(
+        "SELECT id FROM jobs WHERE agent_id = ? AND error_code = 'agent_revoked' AND finished_at >= ?",
+        (agent_id, now - REVOKED_WAKE_WINDOW)).fetchall() if row[0] not in failed]
+    for job_id in failed:
+        conn.notify(job_key(job_id))
+    return failed
+
+
+# A revoked agent's request wakes the streams of jobs failed this recently (the CLI's, on SQLite).
+REVOKED_WAKE_WINDOW = 600.0
+
+
+def signing_key(conn: Connection, agent_id: str, server_key: str) -> SigningKey | None:
+    """The agent's signing key (removed agents too: they are told so), or None if unknown."""
+    row = conn.execute("SELECT verifier, secret, removed_at FROM agents WHERE id = ?", (agent_id,)).fetchone()
+    if row is None:
+        return None
+    verifier, secret, removed_at = row
+    # A row written before migration 0003 that the start-up conversion has not reached yet.
+    key = keywrap.unseal(verifier, server_key) if verifier else derive_key(secret)
+    return SigningKey(key, removed_at is not None)
+
+
+def seal_stored_keys(conn: Connection, server_key: str) -> int:
+    """At start: replace stored secrets by keys, wrap plain keys when a server key is set; returns rows changed.
+
+    Raises ``keywrap.KeyWrapError`` when wrapped keys cannot be read with ``server_key``.
+    """
+    changed = 0
+    with conn.transaction():
+        rows = conn.execute("SELECT id, secret, verifier FROM agents").fetchall()
+        for agent_id, secret, verifier in rows:
+            if verifier:
+                key = keywrap.unseal(verifier, server_key)     # checks the server key
+                if keywrap.is_wrapped(verifier) or not server_key:
+                    continue
+            else:
+                key = derive_key(secret)
+            conn.execute("UPDATE agents SET verifier = ?, secret = '' WHERE id = ?",
+                         (keywrap.seal(key, server_key), agent_id))
+            changed += 1
+    return changed
 
 
 # The one definition of "online", in SQL: not removed, not gone (SIGTERM), seen within the window.
@@ -72,7 +146,7 @@ def touch(conn: Connection, agent_id: str, now: float, models: list[str] | None 
         " WHERE id = ? AND removed_at IS NULL RETURNING models, left_at",
         (now, declared, slots, None if kinds is None else json.dumps(kinds), started, agent_id)).fetchone()
     if row is None:
-        raise Unauthorized("this agent was removed", code="bad_signature")
+        raise Unauthorized("this agent was removed by an operator", code="agent_revoked")
     if row[1] is not None:
         raise AgentLeft(agent_id)
     return json.loads(row[0]) or None

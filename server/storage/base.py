@@ -11,6 +11,7 @@ engine is a subclass of ``Storage`` and ``Connection``: SQLite today
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,30 +19,34 @@ from typing import Any
 
 from flask import g, has_app_context
 
-from ..errors import ApiError
 from ..notifier import Notifier
+from .health import StorageHealth
 
-# Idle connections kept per storage.  Opening a SQLite one costs ~0.5 ms here
-# (schema parse, pragmas): a fifth of an agent POST, so requests borrow.
+# Connections per storage.  Opening a SQLite one costs ~0.5 ms here (schema parse,
+# pragmas): a fifth of an agent POST, so requests borrow.  The pool is bounded: a burst
+# beyond it waits (cooperatively under gevent) instead of opening more.  Unbounded, a
+# 500-chat burst opened 500 SQLite connections, and the file handles of those closed
+# afterwards stayed open while the pool lived (SQLite's unix VFS defers closing a
+# file's descriptor while another connection of the process holds a lock on it, and
+# WAL readers always do): 492 descriptors after the burst.
 POOL_SIZE = 16
+# How long a write waits for a lock another connection or process holds (SQLite) before StorageBusy.
+BUSY_DEADLINE = 5.0
+# How long a borrower waits for a pooled connection before the database counts as unavailable (503).
+POOL_TIMEOUT = 5.0
 MIGRATIONS_ROOT = Path(__file__).resolve().parent.parent.parent / "migrations"
 
 
-class StorageError(ApiError):
+class StorageError(Exception):
     """The database failed (locked, unreachable, full, corrupt): the server's trouble, not the client's.
 
-    Rendered as a 503 ``storage_unavailable`` (agents retry it); ``str()`` is the engine's own reason, for
-    logs and the CLI, never sent to clients.
+    Rendered as a 503 ``storage_unavailable`` (agents retry it, server/errors.py); ``str()`` is the engine's
+    own reason, for logs and the CLI, never sent to clients.
     """
 
-    status, code = 503, "storage_unavailable"
 
-    def __init__(self, detail: str) -> None:
-        super().__init__("the server's database is unavailable: retry shortly")
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return self.detail
+class StorageBusy(StorageError):
+    """Another connection or process held the write lock for longer than a request waits: retry soon."""
 
 
 class Connection:
@@ -51,9 +56,12 @@ class Connection:
     # BEGIN IMMEDIATE already serializes every writer, PostgreSQL's READ COMMITTED would lose updates.
     for_update = ""          # the row is ours until COMMIT (a chunk POST, a cancel)
     skip_locked = ""         # rows another transaction holds are passed over (a claim, a sweep)
+    # How long a statement waits for a lock held elsewhere (engines that wait in this process: SQLite).
+    busy_deadline = BUSY_DEADLINE
 
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(self, notifier: Notifier, health: StorageHealth | None = None) -> None:
         self.notifier = notifier
+        self.health = health if health is not None else StorageHealth("database")
         self._announced: list[tuple[str, int | None]] = []
 
     # --- what an engine implements ------------------------------------------
@@ -96,6 +104,15 @@ class Connection:
         for key, wake in announced:
             self.notifier.notify(key, wake=wake)
 
+    @contextmanager
+    def patience(self, seconds: float) -> Iterator[Connection]:
+        """Wait at most ``seconds`` for a lock inside this block (``/healthz`` answers fast)."""
+        self.busy_deadline = seconds
+        try:
+            yield self
+        finally:
+            del self.busy_deadline          # back to the class default
+
     def notify(self, key: str, *, wake: int | None = None) -> None:
         """Wake the waiters of ``key`` once this connection's transaction commits (at once outside one)."""
         if self.in_transaction:
@@ -114,8 +131,11 @@ class Storage:
         self.url = url
         self.notifier = notifier if notifier is not None else Notifier()
         self.pool_size = pool_size
+        self.health = StorageHealth(self.name)
         self._idle: list[Connection] = []
+        self._lent = 0
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)
 
     def connect(self) -> Connection:
         """A new connection of the caller's own (the sweeper's thread, the CLI); close it when done."""
@@ -128,6 +148,13 @@ class Storage:
     def check(self) -> None:
         """Open one connection now: StorageError (saying where and why) when the database cannot be reached."""
         self.connect().close()
+
+    def probe_write(self, conn: Connection) -> None:
+        """Write one row and commit: StorageBusy (locked) or StorageError (full, read-only...) if it cannot."""
+        with conn.transaction():
+            # A new value: SQLite writes no page for a value rewritten with itself.
+            conn.execute("UPDATE health_probe SET probed_at = ? WHERE id = 1", (time.time(),))
+        self.health.wrote()
 
     def start_listening(self, give_up_after: float) -> None:
         """Start hearing other processes' writes (engines shared between processes); nothing to do here."""
@@ -157,20 +184,35 @@ class Storage:
             self.give_back(conn)
 
     def take(self) -> Connection:
+        """A pooled connection; waits up to ``POOL_TIMEOUT`` when all ``pool_size`` are lent (StorageError then)."""
         with self._lock:
+            if not self._returned.wait_for(lambda: self._idle or self._lent < self.pool_size, POOL_TIMEOUT):
+                raise StorageError(f"no free database connection within {POOL_TIMEOUT:g} s "
+                                   f"(all {self.pool_size} in use)")
+            self._lent += 1
             if self._idle:
                 return self._idle.pop()
-        return self.connect()
+        try:
+            return self.connect()
+        except BaseException:
+            with self._lock:
+                self._lent -= 1
+                self._returned.notify()
+            raise
 
     def give_back(self, conn: Connection) -> None:
-        if conn.in_transaction:
-            # Never hand a half-done transaction to the next borrower.
-            conn._rollback()
+        try:
+            if conn.in_transaction:
+                # Never hand a half-done transaction to the next borrower.
+                conn._rollback()
+        except StorageError:
+            conn.close()
+            conn = None
         with self._lock:
-            if len(self._idle) < self.pool_size:
+            self._lent -= 1
+            if conn is not None:
                 self._idle.append(conn)
-                return
-        conn.close()
+            self._returned.notify()
 
     @property
     def idle(self) -> list[Connection]:

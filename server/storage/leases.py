@@ -19,6 +19,21 @@ class Expired:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def renew_all(conn: Connection, now: float, lease_seconds: float, delivery_lease: float) -> int:
+    """Give every active job with less than half its lease left a full one from ``now``; returns how many.
+
+    After a start or an outage of the database: agents whose POSTs were refused meanwhile
+    get a lease to reach the server again before they are declared lost.  A job with more
+    than half a lease left keeps it (and its row): that is time enough for a retry.
+    """
+    renewed = 0
+    with conn.transaction():
+        for status, lease in (("running", lease_seconds), ("delivered", delivery_lease)):
+            renewed += conn.execute("UPDATE jobs SET lease_expires = ? WHERE status = ? AND lease_expires < ?",
+                                    (now + lease, status, now + lease / 2)).rowcount
+    return renewed
+
+
 def expire_leases(conn: Connection, now: float, max_attempts: int) -> list[Expired]:
     """Give back, fail or cancel every job whose lease ran out."""
     changed = []

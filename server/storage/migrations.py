@@ -67,6 +67,11 @@ def pending(storage: Storage, directory: Path | None = None, *, conn: Connection
         return _pending(storage, borrowed, directory)
 
 
+def pending_on(storage: Storage, conn: Connection) -> list[Migration]:
+    """``pending`` on a connection the caller holds (a view's: no second one borrowed from the pool)."""
+    return _pending(storage, conn, None)
+
+
 def _pending(storage: Storage, conn: Connection, directory: Path | None) -> list[Migration]:
     known = available(directory or storage.migrations_dir)
     done = _applied(conn)

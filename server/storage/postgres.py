@@ -29,6 +29,7 @@ from psycopg import pq
 
 from ..notifier import Notifier
 from .base import MIGRATIONS_ROOT, POOL_SIZE, Connection, Storage, StorageError
+from .health import StorageHealth
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,13 @@ def _translate(sql: str) -> str:
     return _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
 
 
-def _unavailable(exc: Exception) -> StorageError:
+def _unavailable(exc: Exception, health: StorageHealth | None = None) -> StorageError:
+    """A StorageError for ``exc``; the connection lost, the disk full and the like mark ``health`` failing."""
     # libpq's messages run over several lines (a hint on the second): one line, for logs and the CLI.
-    return StorageError("PostgreSQL: " + " ".join(str(exc).split()))
+    reason = "PostgreSQL: " + " ".join(str(exc).split())
+    if health is not None and isinstance(exc, psycopg.OperationalError):
+        health.failed(reason)
+    return StorageError(reason)
 
 
 class PostgresConnection(Connection):
@@ -63,8 +68,9 @@ class PostgresConnection(Connection):
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, raw: psycopg.Connection, notifier: Notifier, origin: str) -> None:
-        super().__init__(notifier)
+    def __init__(self, raw: psycopg.Connection, notifier: Notifier, origin: str,
+                 health: StorageHealth | None = None) -> None:
+        super().__init__(notifier, health)
         self.raw = raw
         self.origin = origin
         self._sql: dict[str, str] = {}
@@ -76,14 +82,14 @@ class PostgresConnection(Connection):
         try:
             return self.raw.execute(translated, params)
         except psycopg.Error as exc:
-            raise _unavailable(exc) from exc
+            raise _unavailable(exc, self.health) from exc
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         try:
             with self.raw.cursor() as cursor:
                 cursor.executemany(_translate(sql), rows)
         except psycopg.Error as exc:
-            raise _unavailable(exc) from exc
+            raise _unavailable(exc, self.health) from exc
 
     @property
     def in_transaction(self) -> bool:
@@ -108,7 +114,7 @@ class PostgresConnection(Connection):
             try:
                 self.raw.execute("ROLLBACK")
             except psycopg.Error:
-                log.warning("rollback failed; the connection is dropped", exc_info=True)
+                log.debug("rollback failed; the pool drops the connection")
 
 
 class PostgresStorage(Storage):
@@ -130,8 +136,15 @@ class PostgresStorage(Storage):
         try:
             raw = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
         except psycopg.Error as exc:
+            raise _unavailable(exc, self.health) from exc
+        return PostgresConnection(raw, self.notifier, self.origin, self.health)
+
+    def check(self) -> None:
+        # At start: the caller says what failed (one line); the health tracker is for a running server.
+        try:
+            psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT).close()
+        except psycopg.Error as exc:
             raise _unavailable(exc) from exc
-        return PostgresConnection(raw, self.notifier, self.origin)
 
     def take(self) -> PostgresConnection:
         try:
@@ -139,8 +152,8 @@ class PostgresStorage(Storage):
         except psycopg_pool.PoolTimeout as exc:
             raise StorageError(f"PostgreSQL: no connection within {POOL_TIMEOUT:g} s ({self._describe()})") from exc
         except psycopg.Error as exc:
-            raise _unavailable(exc) from exc
-        return PostgresConnection(raw, self.notifier, self.origin)
+            raise _unavailable(exc, self.health) from exc
+        return PostgresConnection(raw, self.notifier, self.origin, self.health)
 
     def give_back(self, conn: Connection) -> None:
         assert isinstance(conn, PostgresConnection)

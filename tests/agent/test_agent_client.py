@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -10,7 +11,16 @@ import pytest
 
 from agent.batcher import ChunkBatch, SendReply
 from agent.client import ServerClient
-from agent.exceptions import JobGone, MalformedJob, ProtocolError, SeqConflict, SignatureRejected, TransportError
+from agent.exceptions import (
+    AgentRevoked,
+    ClockSkew,
+    JobGone,
+    MalformedJob,
+    ProtocolError,
+    SeqConflict,
+    SignatureRejected,
+    TransportError,
+)
 from agent.job import Job
 from protocol import signing
 
@@ -52,7 +62,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, body: bytes) -> None:
         valid = signing.verify(SECRET, self.headers[signing.HEADER_SIGNATURE], self.command, self.path,
-                               self.headers[signing.HEADER_TIMESTAMP], body)
+                               self.headers[signing.HEADER_TIMESTAMP], body, self.headers.get(signing.HEADER_NONCE, ""))
         self.server.requests.append((self.command, self.path, body, valid))
         status, payload = self.server.replies.popleft() if self.server.replies else (204, None)
         data = payload if isinstance(payload, bytes) else b"" if payload is None else json.dumps(payload).encode()
@@ -105,7 +115,10 @@ def test_a_batch_post_is_signed_over_its_exact_bytes_and_returns_the_reply(stand
     (410, {"error": {"code": "lease_expired", "message": "gone"}}, JobGone),
     (403, {"error": {"code": "not_your_job", "message": "not yours"}}, JobGone),
     (404, {"error": {"code": "not_found", "message": "no job"}}, JobGone),
-    (401, {"error": {"code": "bad_signature", "message": "bad"}}, JobGone),
+    (401, {"error": {"code": "bad_signature", "message": "bad"}}, SignatureRejected),
+    (401, {"error": {"code": "agent_revoked", "message": "removed"}}, AgentRevoked),
+    (429, {"error": {"code": "too_many_requests", "message": "slow down"}}, TransportError),
+    (503, {"error": {"code": "storage_unavailable", "message": "busy"}}, TransportError),
     (500, {"error": {"code": "internal_error", "message": "boom"}}, TransportError),
     (502, b"<html>bad gateway</html>", TransportError),
     (400, {"error": {"code": "invalid_field", "message": "seq"}}, ProtocolError),
@@ -117,6 +130,15 @@ def test_post_statuses_map_to_what_the_batcher_acts_on(stand_in, status, payload
         client_for(stand_in).send(ChunkBatch("j1", 4, ("x",)))
     if error is SeqConflict:
         assert info.value.expected_seq == 4
+
+
+def test_a_stale_timestamp_reports_how_far_this_hosts_clock_is_from_the_servers(stand_in):
+    stand_in.replies.append((401, {"error": {"code": "stale_timestamp", "message": "more than 60 s",
+                                             "server_time": time.time() + 125}}))
+    with pytest.raises(ClockSkew) as info:
+        client_for(stand_in).poll(["sim"], 1)
+    assert 120 < info.value.offset < 130
+    assert "clock differs from the server's by +12" in str(info.value)
 
 
 @pytest.mark.parametrize(("status", "payload", "error", "job_id"), [

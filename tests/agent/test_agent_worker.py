@@ -15,10 +15,10 @@ from agent.backend import BackendError
 from agent.backoff import Backoff
 from agent.batcher import ChunkBatch, SendReply
 from agent.config import AgentConfig
-from agent.exceptions import JobGone, MalformedJob, SignatureRejected, TransportError
+from agent.exceptions import AgentRevoked, ClockSkew, JobGone, MalformedJob, SignatureRejected, TransportError
 from agent.job import Job
 from agent.legacy import LegacyPoster
-from agent.worker import SHUTDOWN_REASON, StartupError, Worker
+from agent.worker import EXIT_REVOKED, SHUTDOWN_REASON, StartupError, Worker
 from devtools.processes import wait_until
 
 STATS = {"done_reason": "stop", "eval_count": 3}
@@ -241,6 +241,24 @@ def test_a_rejected_signature_on_the_first_poll_stops_the_agent_with_one_line():
     error = startup_error(Worker(AgentConfig("agt_test", "wrong"), client, FakeBackend()))
     assert isinstance(error, StartupError)
     assert str(error).startswith("server rejected our signature: check AGENT_ID/AGENT_SECRET")
+
+
+def test_a_clock_far_from_the_servers_stops_the_agent_saying_by_how_much():
+    client = FakeClient(ClockSkew(-93.4))
+    error = startup_error(Worker(AgentConfig("agt_test", "s"), client, FakeBackend()))
+    assert isinstance(error, StartupError)
+    assert "clock differs from the server's by -93 s" in str(error) and "AGENT_SECRET" not in str(error)
+
+
+def test_a_revoked_agent_stops_polling_and_exits_with_status_3():
+    client = FakeClient(None, AgentRevoked("this agent was removed by an operator"))
+    status: list[int] = []
+    thread = threading.Thread(target=lambda: status.append(Worker(AgentConfig("agt_test", "s"), client,
+                                                                  FakeBackend()).work()))
+    thread.start()
+    thread.join(10)
+    assert status == [EXIT_REVOKED] and EXIT_REVOKED == 3
+    assert len(client.polls) == 2          # the revoking poll was the last
 
 
 def test_a_rejected_signature_after_the_server_accepted_us_is_only_backed_off(run_worker):

@@ -16,6 +16,7 @@ from agent.batcher import ChunkBatch, SendReply, TokenBatcher
 from agent.config import load_config
 from agent.exceptions import JobGone, ProtocolError, SeqConflict, TransportError
 from devtools.processes import wait_until
+from protocol.wire import MAX_CHUNKS_PER_POST
 
 JOB = "job-1"
 
@@ -357,3 +358,19 @@ def test_every_token_is_stored_once_in_order_despite_lost_posts_and_replies(
     assert server.violations == []
     assert server.conflicts == 0
     assert batcher.delivered_tokens == len(tokens)
+
+
+def test_a_backlog_larger_than_the_servers_chunk_cap_goes_out_in_posts_under_it():
+    server = FakeServer()
+    server.gate = threading.Event()
+    batcher = TokenBatcher(JOB, server.send, max_tokens=5, max_delay=0.01)
+    batcher.add("first")                  # goes out at once, and its POST is held at the gate
+    wait_until(lambda: server.posts, message="the first POST")
+    tokens = [f"t{i} " for i in range(2 * MAX_CHUNKS_PER_POST + 500)]
+    for token in tokens:
+        batcher.add(token)
+    server.gate.set()
+    assert batcher.finish(stats={"eval_count": len(tokens) + 1}, timeout=10)
+    assert server.stored == ["first", *tokens]
+    assert max(len(post.chunks) for post in server.posts) == MAX_CHUNKS_PER_POST
+    assert [post.done for post in server.posts].count(True) == 1 and server.posts[-1].done

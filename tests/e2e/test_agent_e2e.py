@@ -181,3 +181,25 @@ def test_a_stopping_agents_models_are_withdrawn_at_once_while_its_running_job_fi
     assert answer.done and answer.text == expected("one more answer", 150)
     assert agent.proc.wait(30) == 0
     assert "told the server we are leaving" in agent.log() and "Traceback" not in agent.log()
+
+
+# --- revoked mid-answer -----------------------------------------------------------------
+
+@pytest.mark.engines("sqlite", "postgres")
+def test_an_agent_removed_mid_answer_ends_the_chat_with_agent_revoked_and_exits_with_status_3(
+        live_server, simulator, start_agent):
+    agent = start_agent(live_server, simulator.url, "doomed")
+    with start_chat(live_server, "revoked mid-answer", sim_tokens=500, sim_interval_ms=20) as response:
+        events = EventStream(response)
+        assert len(events.read(stop_after=3).ids) == 3
+        removed = subprocess.run([sys.executable, "-m", "server", "agents", "remove", agent.creds.id,
+                                  "--db", live_server.database], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert removed.returncode == 0, removed.stderr
+        # At once: the agent posts a token every 20 ms, and its next POST is refused (or NOTIFY wakes the stream).
+        reader = threading.Thread(target=events.read, daemon=True)
+        reader.start()
+        reader.join(10)
+    answer = events.answer
+    assert answer.error is not None and answer.error["code"] == "agent_revoked", answer.error
+    assert agent.proc.wait(30) == 3
+    assert "revoked by the server" in agent.log() and "bad signature" not in agent.log()

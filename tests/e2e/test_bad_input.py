@@ -108,6 +108,21 @@ def body_cases(e: Endpoint) -> dict[str, Case]:
     }
 
 
+def hostile_cases(e: Endpoint) -> dict[str, Case]:
+    """Issue 14: inputs that once gave a 500 (a lone surrogate in options) or queued a 10 KB model name."""
+    valid = json.dumps(e.valid).encode()
+    cases = {
+        "options holding a lone surrogate": valid[:-1] + b', "options": {"stop": ["\\ud800"]}}',
+        "an options key holding a lone surrogate": valid[:-1] + b', "options": {"\\udfff": 1}}',
+        "a 10 KB model name with newlines": with_(e, model=("x" * 99 + "\n") * 100),
+        "a model name of 201 characters": with_(e, model="m" * 201),
+        "a model name with a tab": with_(e, model="m\tm"),
+    }
+    if e is COMPLETIONS:
+        cases["stop holding a lone surrogate"] = valid[:-1] + b', "stop": "a\\ud800"}'
+    return {name: Case(e, body) for name, body in cases.items()}
+
+
 def chat_cases(e: Endpoint) -> dict[str, Case]:
     def message(**changes: Any) -> dict:
         return with_(e, messages=[{k: v for k, v in {**HELLO[0], **changes}.items() if v is not ...}])
@@ -195,6 +210,8 @@ def table() -> dict[str, Case]:
         cases |= {f"{e.path} {name}": case for name, case in body_cases(e).items()}
     for e in CHAT_DOORS:
         cases |= {f"{e.path} {name}": case for name, case in chat_cases(e).items()}
+    for e in (*CHAT_DOORS, GENERATE):
+        cases |= {f"{e.path} {name}": case for name, case in hostile_cases(e).items()}
     for e, named in ((COMPLETIONS, OPENAI_CASES), (OLLAMA_CHAT, OLLAMA_CASES), (GENERATE, GENERATE_CASES),
                      (STREAM, STREAM_CASES), (EMBED, EMBED_CASES), (EMBEDDINGS, EMBED_CASES), (REPORT, REPORT_CASES)):
         cases |= {f"{e.path} {name}": Case(e, with_(e, **changes)) for name, changes in named.items()}
@@ -204,6 +221,7 @@ def table() -> dict[str, Case]:
         f"{stream} seq infinite": Case(STREAM, raw_with(STREAM, b'"hi"').replace(b'"seq": 1', b'"seq": 1e400')),
         f"{stream} seq past the stored chunks": Case(STREAM, with_(STREAM, seq=2**31 - 1), 409),
         f"{stream} unknown job": Case(STREAM, with_(STREAM, id="no-such-job"), 404),
+        f"{stream} 200,000 one-character chunks": Case(STREAM, with_(STREAM, chunks=["x"] * 200_000), 413),
     }
     for query in ("wait=-1", "wait=nan", "wait=inf", "wait=1e999", "wait=soon", "wait=%FF", "slots=-1", "slots=1001",
                   "slots=1.5", "slots=x", "models=%01", "models=" + "x" * 201, "models=" + ",".join(map(str, range(101)))):
@@ -212,6 +230,9 @@ def table() -> dict[str, Case]:
             (NATIVE, f"/api/v1/chat/stream/{JOB}?after=abc", 400, ()),
             (NATIVE, f"/api/v1/chat/stream/{JOB}?after=-5", 400, ()),
             (NATIVE, f"/api/v1/chat/stream/{JOB}", 400, (("Last-Event-ID", "x"),)),
+            (NATIVE, f"/api/v1/chat/stream/{JOB}", 400, (("Last-Event-ID", "9223372036854775808"),)),
+            (NATIVE, f"/api/v1/chat/stream/{JOB}?after=18446744073709551616", 400, ()),
+            (NATIVE, "/api/v1/status?minutes=%C2%B2", 400, ()),
             (NATIVE, "/api/v1/chat/stream/no-such-request", 404, ()),
             (NATIVE, "/api/v1/chat/%FF", 404, ()),
             (NATIVE, "/api/v1/status?minutes=0", 400, ()),
@@ -308,6 +329,9 @@ def test_bad_input_gets_a_4xx_in_the_endpoints_shape_stores_nothing_and_logs_no_
     if status == 413:   # the limit and the setting that sets it, whatever the door and however the body came
         error = json.loads(body)["error"]
         message = error if isinstance(error, str) else error["message"]
-        assert f"{DEFAULTS['MAX_BODY_BYTES']} bytes" in message and "ORCH_MAX_BODY_BYTES" in message, message
+        named = [f"{DEFAULTS['MAX_BODY_BYTES']} bytes", "ORCH_MAX_BODY_BYTES"]
+        if "chunks in one POST" in message:
+            named = [f"{DEFAULTS['MAX_CHUNKS_PER_POST']} ", "ORCH_MAX_CHUNKS_PER_POST"]
+        assert all(part in message for part in named), message
     assert stack.stored() == before
     assert "Traceback" not in stack.server.log()[log_start:]

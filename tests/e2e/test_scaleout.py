@@ -203,6 +203,9 @@ def test_a_postgresql_restart_mid_stream_loses_and_duplicates_nothing(hosts, own
     if not answer.done:                                 # the stream may end with storage_unavailable mid-restart
         assert answer.error is None or answer.error["code"] == "storage_unavailable", answer.error
         answer.error = None
+        # As a client told to retry does: resume once the server says its database writes again.
+        wait_until(lambda: requests.get(host.url + "/healthz", timeout=10).status_code == 200, 30, 0.2,
+                   "health to come back with PostgreSQL")
         answer = resume(host, answer)
     assert answer.done and answer.text == expected("through a restart", 60) and answer.ids == list(range(60))
     # The listener is back: a new chat is woken without any poll.

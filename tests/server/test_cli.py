@@ -1,6 +1,7 @@
 """The admin CLI, run as a subprocess the way an operator runs it."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -9,8 +10,10 @@ import sys
 import pytest
 
 from devtools.processes import ROOT, free_port
-from server import cli
-from server.storage import migrated
+from protocol.signing import derive_key
+from server import cli, create_app, keywrap
+from server.config import ConfigError
+from server.storage import agents, migrated
 from server.storage.base import MIGRATIONS_ROOT
 from server.storage.migrations import available
 
@@ -24,7 +27,7 @@ def without_database_setting() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "ORCH_DATABASE"} | {"PYTHONPATH": str(ROOT)}
 
 
-def test_agents_add_json_prints_id_and_secret(tmp_path):
+def test_agents_add_json_prints_id_and_secret_and_stores_only_the_key_that_verifies_it(tmp_path):
     db = str(tmp_path / "cli.db")
     result = orchestrator("agents", "add", "gpu-1", "--json", "--db", db)
     assert result.returncode == 0, result.stderr
@@ -32,8 +35,26 @@ def test_agents_add_json_prints_id_and_secret(tmp_path):
     assert set(creds) == {"id", "secret"}
     assert creds["id"].startswith("agt_") and len(creds["secret"]) >= 32
     with migrated(db) as conn:
-        row = conn.execute("SELECT name, secret FROM agents WHERE id = ?", (creds["id"],)).fetchone()
-    assert row == ("gpu-1", creds["secret"])
+        assert conn.execute("SELECT name FROM agents WHERE id = ?", (creds["id"],)).fetchone() == ("gpu-1",)
+        assert agents.signing_key(conn, creds["id"], "").key == derive_key(creds["secret"])
+    assert not any(creds["secret"].encode() in path.read_bytes() for path in tmp_path.glob("cli.db*"))
+
+
+def test_with_a_server_key_the_database_holds_neither_the_secret_nor_the_key(tmp_path):
+    db, server_key = str(tmp_path / "cli.db"), "k" * 40
+    result = subprocess.run([sys.executable, "-m", "server", "agents", "add", "gpu-1", "--json", "--db", db],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "ORCH_SECRET_KEY": server_key})
+    creds = json.loads(result.stdout)
+    key = derive_key(creds["secret"])
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("cli.db*"))
+    assert creds["secret"].encode() not in stored
+    assert base64.urlsafe_b64encode(key).rstrip(b"=") not in stored and key not in stored
+    with migrated(db) as conn:
+        assert agents.signing_key(conn, creds["id"], server_key).key == key
+        with pytest.raises(keywrap.KeyWrapError, match="ORCH_SECRET_KEY"):
+            agents.signing_key(conn, creds["id"], "another-key")
+    with pytest.raises(ConfigError, match="ORCH_SECRET_KEY"):
+        create_app({"DATABASE": db, "SWEEP_INTERVAL": 0, "SECRET_KEY": ""})
 
 
 def test_agents_list_never_prints_secrets(tmp_path):

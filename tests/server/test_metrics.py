@@ -55,6 +55,7 @@ def test_each_app_has_its_own_registry(tmp_path):
 def test_gauges_read_the_queue_and_the_agents_from_the_database(client, dbconn):
     agent = add_agent(dbconn, "gpu-1")
     touch(dbconn, agent.id, time.time(), ["llama3"])
+    touch(dbconn, add_agent(dbconn, "gpu-2").id, time.time(), ["qwen"])
     for model in ("llama3", "llama3", "qwen"):
         jobs.create_job(dbconn, model, [{"role": "user", "content": "hi"}], {}, time.time())
     jobs.claim_job(dbconn, agent.id, ["llama3"], time.time(), 5, 30)
@@ -63,7 +64,18 @@ def test_gauges_read_the_queue_and_the_agents_from_the_database(client, dbconn):
     assert samples[("orchestrator_queue_depth", ("model", "qwen"))] == 1
     assert samples[("orchestrator_requests", ("state", "queued"))] == 2
     assert samples[("orchestrator_requests", ("state", "delivered"))] == 1
-    assert samples[("orchestrator_agents_online",)] == 1
+    assert samples[("orchestrator_agents_online",)] == 2
+
+
+def test_models_no_online_agent_declares_fold_into_one_label(client, dbconn):
+    touch(dbconn, add_agent(dbconn, "declares").id, time.time(), ["llama3"])
+    touch(dbconn, add_agent(dbconn, "serves-anything").id, time.time(), None)
+    names = ["llama3", "x" * 5000 + "\nline", *(f"random-{i}" for i in range(50))]
+    for model in names:
+        jobs.create_job(dbconn, model, [{"role": "user", "content": "hi"}], {}, time.time())
+    samples = parse(client.get("/metrics").get_data(as_text=True))
+    depth = {labels[0][1]: value for (name, *labels), value in samples.items() if name == "orchestrator_queue_depth"}
+    assert depth == {"llama3": 1, "(other)": len(names) - 1}
 
 
 def test_sweeps_count_lease_expiries_and_queue_timeouts(app, client, dbconn):
