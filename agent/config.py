@@ -85,6 +85,12 @@ def _batch_mode(value: str) -> str:
     return value.strip().lower()
 
 
+def _transport(value: str) -> str:
+    if value.strip().lower() not in ("auto", "ws", "http"):
+        raise ValueError("must be 'auto', 'ws' or 'http'")
+    return value.strip().lower()
+
+
 def _bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -138,6 +144,8 @@ SETTINGS: tuple[Setting, ...] = (
             "with or without /v1); with BACKEND=ollama it overrides OLLAMA_URL.", _url),
     Setting("BACKEND_API_KEY", "", "Bearer key for an OpenAI-compatible engine started with one "
             "(vLLM's --api-key, LM Studio).", _text),
+    Setting("TRANSPORT", "auto", "`auto` (a WebSocket when the server offers one, else the HTTP protocol), `ws` "
+            "(WebSocket only) or `http` (polls and POSTs only).", _transport),
     Setting("POLL_INTERVAL", 0.1, "Seconds between polls while the queue is empty (short poll).",
             _number(0, above=True)),
     Setting("LONG_POLL", 0.0, "Seconds the server may hold a poll open waiting for a job; "
@@ -172,6 +180,7 @@ class AgentConfig:
     backend: str = DEFAULTS["BACKEND"]
     backend_url: str = DEFAULTS["BACKEND_URL"]
     backend_api_key: str = DEFAULTS["BACKEND_API_KEY"]
+    transport: str = DEFAULTS["TRANSPORT"]
     poll_interval: float = DEFAULTS["POLL_INTERVAL"]
     long_poll: float = DEFAULTS["LONG_POLL"]
     max_jobs: int = DEFAULTS["MAX_JOBS"]

@@ -40,3 +40,10 @@ class MalformedJob(AgentError):
     def __init__(self, message: str, job_id: str | None = None) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+
+class UpgradeRefused(ProtocolError):
+    """The server, or a proxy on the way, answered the WebSocket upgrade with something else than 101.
+
+    `TRANSPORT=auto` then falls back to the HTTP protocol; `status` is the answer's, when there was one.
+    """

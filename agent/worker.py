@@ -18,12 +18,19 @@ from enum import StrEnum
 
 from agent.backend import Backend, BackendError
 from agent.backoff import Backoff
-from agent.batcher import ChunkBatch, TokenBatcher
 from agent.client import ServerClient
 from agent.config import AgentConfig
-from agent.exceptions import AgentError, JobGone, MalformedJob, ProtocolError, SignatureRejected, TransportError
+from agent.exceptions import (
+    AgentError,
+    JobGone,
+    MalformedJob,
+    ProtocolError,
+    SignatureRejected,
+    TransportError,
+    UpgradeRefused,
+)
 from agent.job import Job, JobRun, Poster
-from agent.legacy import LegacyPoster
+from agent.transport import HttpTransport, Transport
 from protocol.wire import POLL_PATH
 
 log = logging.getLogger(__name__)
@@ -34,6 +41,8 @@ DEFAULT_BACKOFF = Backoff(base=0.1, cap=10.0)
 # After the shutdown deadline, the aborted jobs get this long to post their final error.
 SHUTDOWN_FINISH_GRACE = 5.0
 SHUTDOWN_REASON = "the agent shut down before the answer was complete"
+# How long reporting a malformed job as failed may take before the worker moves on.
+REPORT_TIMEOUT = 15.0
 
 
 class StopRequested(BaseException):
@@ -78,15 +87,21 @@ class Wakeup:
 
 
 class Worker:
-    """One agent: polls the server for jobs its backend can run and streams the answers back."""
+    """One agent: asks the server for jobs its backend can run and streams the answers back.
+
+    How it reaches the server is its `transport` (`agent.transport`): the HTTP protocol over `client` unless
+    another is given.
+    """
 
     backoff = DEFAULT_BACKOFF
     models_refresh = MODELS_REFRESH_SECONDS
 
-    def __init__(self, config: AgentConfig, client: ServerClient, backend: Backend) -> None:
+    def __init__(self, config: AgentConfig, client: ServerClient, backend: Backend,
+                 transport: Transport | None = None) -> None:
         self.config = config
         self.client = client
         self.backend = backend
+        self.transport = transport if transport is not None else HttpTransport(client, config)
         self.name = config.agent_id
         self.models: list[str] = list(config.models)
         self._models_due = 0.0
@@ -159,8 +174,9 @@ class Worker:
             self._models_due = time.monotonic() + self.models_refresh
         if not self.models:
             log.warning("%s: no models to serve: pull one (`ollama pull NAME`) or set MODELS", self.name)
-        log.info("%s: serving %s from %s for %s with %d slot(s), %s poll, %s batches", self.name,
-                 ",".join(self.models) or "nothing", self.backend.url, self.client.api_base, self.config.max_jobs,
+        log.info("%s: serving %s from %s for %s with %d slot(s), TRANSPORT=%s (HTTP: %s poll, %s batches)",
+                 self.name, ",".join(self.models) or "nothing", self.backend.url, self.transport.api_base,
+                 self.config.max_jobs, self.config.transport,
                  f"{self.config.long_poll:g} s long" if self.config.long_poll else f"{self.config.poll_interval:g} s",
                  "legacy per-token" if self.config.legacy else self.config.batch_mode)
 
@@ -192,7 +208,7 @@ class Worker:
             self._interruptible = True
             if self._stop_requested:
                 raise StopRequested
-            job = self.client.poll(self.models, self.config.max_jobs - self.running_jobs, self.config.long_poll)
+            job = self.transport.next_job(self.models, self.config.max_jobs - self.running_jobs)
         except TransportError as exc:
             return self._server_trouble(ServerState.UNREACHABLE, exc)
         except SignatureRejected as exc:
@@ -203,6 +219,11 @@ class Worker:
             self._server_ok()
             self._report_malformed(exc)
             return 0.0
+        except UpgradeRefused as exc:
+            if not self._answered:
+                raise StartupError(f"TRANSPORT={self.config.transport}: the WebSocket upgrade was refused ({exc}); "
+                                   "TRANSPORT=auto falls back to HTTP polls") from None
+            return self._server_trouble(ServerState.CONFUSED, exc)
         except (JobGone, ProtocolError) as exc:
             if not self._answered and exc.status == 404:
                 raise StartupError(f"{self.client.api_base} answered 404 to {POLL_PATH}: check API_BASE") from None
@@ -213,10 +234,7 @@ class Worker:
         if job is not None:
             self._start(job)
             return 0.0
-        # Long poll: ask again at once, unless the server answered 204 without holding the poll.
-        if self.config.long_poll and time.monotonic() - started >= self.config.poll_interval:
-            return 0.0
-        return self.config.poll_interval
+        return self.transport.idle_delay(started)
 
     def _server_ok(self) -> None:
         if self._server_state is not ServerState.OK:
@@ -237,10 +255,12 @@ class Worker:
                   f"; reporting job {exc.job_id} as failed" if exc.job_id else "")
         if exc.job_id is None:
             return
+        poster = self.transport.poster(exc.job_id, None)
         try:
-            self.client.send(ChunkBatch(exc.job_id, 0, (), done=True, error=f"the agent got a malformed job: {exc}"))
-        except AgentError as error:
-            log.warning("%s: could not report job %s as failed: %s", self.name, exc.job_id, error)
+            if not poster.finish(error=f"the agent got a malformed job: {exc}", timeout=REPORT_TIMEOUT):
+                log.warning("%s: could not report job %s as failed", self.name, exc.job_id)
+        finally:
+            poster.close(timeout=1.0)
 
     def _start(self, job: Job) -> None:
         with self._lock:
@@ -259,16 +279,13 @@ class Worker:
         run.start()
 
     def _make_poster(self, job_id: str, on_cancel: Callable[[], None]) -> Poster:
-        if self.config.legacy:
-            return LegacyPoster(job_id, self.client, on_cancel)
-        return TokenBatcher(job_id, self.client.send, max_tokens=self.config.batch_max_tokens,
-                            max_delay=self.config.batch_max_delay, adaptive=self.config.adaptive,
-                            on_cancel=on_cancel)
+        return self.transport.poster(job_id, on_cancel)
 
     def _job_finished(self, run: JobRun, outcome: str) -> None:
         with self._lock:
             self._running.pop(run.job.id, None)
         self._wakeup.wake()
+        self.transport.wake()
 
     def _teardown(self) -> None:
         try:
@@ -287,7 +304,7 @@ class Worker:
                     self._wait_for_jobs(SHUTDOWN_FINISH_GRACE)
             log.info("%s: stopped", self.name)
         finally:
-            self.client.close()
+            self.transport.close()
 
     def _wait_for_jobs(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

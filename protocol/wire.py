@@ -5,3 +5,5 @@ from __future__ import annotations
 POLL_PATH = "/api/v1/inference/poll"
 # POST: a batch of one job's chunks, a heartbeat, or its end.
 STREAM_PATH = "/api/v1/inference/stream"
+# GET upgrading to a WebSocket: one long-lived connection per agent (protocol/frames.py has its frames).
+CONNECT_PATH = "/api/v1/agents/connect"

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import chat, errors, inference, metrics, ollama_api, openai_api, operators, pages, storage
+from . import agent_socket, chat, errors, inference, metrics, ollama_api, openai_api, operators, pages, storage
 from .config import load_config
 from .notifier import Notifier
 from .storage import migrations
@@ -41,5 +41,5 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def _register_blueprints(app: Flask) -> None:
-    for module in (inference, chat, openai_api, ollama_api, operators, metrics, pages):
+    for module in (inference, agent_socket, chat, openai_api, ollama_api, operators, metrics, pages):
         app.register_blueprint(module.bp)

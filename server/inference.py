@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from . import body
 from .auth import agent_required
 from .errors import BadRequest
 from .notifier import ANY_MODEL_KEY, queue_key
-from .storage import agents, chunks, close_db, get_db, get_storage, jobs
+from .storage import Connection, agents, chunks, close_db, get_db, get_storage, jobs
 
 bp = Blueprint("inference", __name__)
 
@@ -73,11 +74,7 @@ def poll_params(args: MultiDict, max_wait: float) -> PollParams:
     """The poll's query parameters, or BadRequest."""
     models = None
     if "models" in args:
-        models = list(dict.fromkeys(m.strip() for raw in args.getlist("models") for m in raw.split(",")
-                                    if m.strip()))
-        if len(models) > MAX_MODELS or any(len(m) > MAX_MODEL_NAME or not m.isprintable() for m in models):
-            raise BadRequest(f"'models' takes at most {MAX_MODELS} printable names of at most "
-                             f"{MAX_MODEL_NAME} characters", code="invalid_query")
+        models = checked_models([m for raw in args.getlist("models") for m in raw.split(",")], "invalid_query")
     slots = _query_number(args, "slots", 1, int)
     if not 0 <= slots <= MAX_SLOTS:
         raise BadRequest(f"'slots' must be between 0 and {MAX_SLOTS}", code="invalid_query")
@@ -85,6 +82,15 @@ def poll_params(args: MultiDict, max_wait: float) -> PollParams:
     if not (math.isfinite(wait) and wait >= 0):
         raise BadRequest("'wait' must be a number of seconds, 0 or more", code="invalid_query")
     return PollParams(models, slots, min(wait, max_wait))
+
+
+def checked_models(names: list[str], code: str) -> list[str]:
+    """An agent's declared models, stripped and deduplicated in order; BadRequest (with ``code``) past the limits."""
+    models = list(dict.fromkeys(m.strip() for m in names if m.strip()))
+    if len(models) > MAX_MODELS or any(len(m) > MAX_MODEL_NAME or not m.isprintable() for m in models):
+        raise BadRequest(f"'models' takes at most {MAX_MODELS} printable names of at most "
+                         f"{MAX_MODEL_NAME} characters", code=code)
+    return models
 
 
 def _query_number(args: MultiDict, name: str, default, parse):
@@ -100,17 +106,23 @@ def _query_number(args: MultiDict, name: str, default, parse):
 
 def _claim(app: Flask, agent_id: str, params: PollParams) -> tuple[jobs.Job | None, list[str] | None]:
     """Record the agent's presence and claim one job, in one transaction; returns the job and its models."""
-    cfg, conn, now = app.config, get_db(), time.time()
-    # An empty list is not remembered: stored, it would read as "never declared", which serves any model.
-    declared = params.models or None
     try:
-        with conn.transaction():
-            models = agents.touch(conn, agent_id, now, declared, params.slots)
-            job = jobs.claim_job(conn, agent_id, models, now, cfg["DELIVERY_LEASE_SECONDS"],
-                                 cfg["LEASE_SECONDS"]) if params.takes_jobs else None
+        return take_job(get_db(), app.config, agent_id, params.models, params.slots, params.takes_jobs, time.time())
     finally:
         # A long poll parks next: it must not hold a connection while it waits.
         close_db()
+
+
+def take_job(conn: Connection, cfg: Mapping[str, Any], agent_id: str, models: list[str] | None, slots: int,
+             takes_jobs: bool, now: float) -> tuple[jobs.Job | None, list[str] | None]:
+    """Record the agent's presence, models and free slots, and claim one job if it ``takes_jobs``, in one
+    transaction (a poll, or an agent socket's push); returns the job and the agent's models (None: any)."""
+    # An empty list is not remembered: stored, it would read as "never declared", which serves any model.
+    declared = models or None
+    with conn.transaction():
+        models = agents.touch(conn, agent_id, now, declared, slots)
+        job = jobs.claim_job(conn, agent_id, models, now, cfg["DELIVERY_LEASE_SECONDS"],
+                             cfg["LEASE_SECONDS"]) if takes_jobs else None
     return job, models
 
 
@@ -146,8 +158,7 @@ def _wait_for_job(app: Flask, agent_id: str, models: list[str] | None, params: P
 def stream():
     post = chunk_post(body.json_object())
     # The stream following the job is woken as the transaction commits.
-    result = chunks.append_chunks(get_db(), g.agent_id, post.id, post.seq, post.chunks, post.done, time.time(),
-                                  current_app.config["LEASE_SECONDS"], post.stats, post.error)
+    result = store_post(get_db(), g.agent_id, post, time.time(), current_app.config["LEASE_SECONDS"])
     if result.changed:
         # Under gevent the woken stream only runs when this greenlet yields,
         # which would be after the reply is written; yield now so the token
@@ -156,6 +167,12 @@ def stream():
         time.sleep(0)
     g.chunks_stored = (post.id, result.stored)   # for the metrics hook: no second parse of the body
     return jsonify(ok=True, cancelled=result.cancelled, next_seq=result.next_seq)
+
+
+def store_post(conn: Connection, agent_id: str, post: ChunkPost, now: float, lease_seconds: float) -> chunks.Appended:
+    """Store one checked batch (a POST or a socket's chunks frame): seq-idempotent, one transaction."""
+    return chunks.append_chunks(conn, agent_id, post.id, post.seq, post.chunks, post.done, now, lease_seconds,
+                                post.stats, post.error)
 
 
 def chunk_post(payload: dict[str, Any]) -> ChunkPost:

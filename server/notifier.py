@@ -1,7 +1,8 @@
 """In-process wake-ups: a version counter per key and a condition per waiter.
 
 Keys name what changed (``job_key``: a job got chunks or a new state;
-``queue_key``: a job of that model entered the queue); they are built only by
+``queue_key``: a job of that model entered the queue; ``cancel_key``: a running
+job's user asked to cancel it); they are built only by
 the helpers below.  A waiter
 reads ``version(key)``, checks the database, then ``wait_for(key, version)``:
 a notify that lands between the read and the wait bumps the version, so the
@@ -27,6 +28,15 @@ ANY_MODEL_KEY = "queue:*"
 def job_key(job_id: str) -> str:
     """The key a job's streams wait on: its chunks or its state changed."""
     return "job:" + job_id
+
+
+def cancel_key(job_id: str) -> str:
+    """The key an agent socket holding the job waits on: its user asked to cancel it.
+
+    Apart from ``job_key``, which moves with every stored chunk: a socket waiting
+    on that would wake, and read the job, once per token.
+    """
+    return "cancel:" + job_id
 
 
 def queue_key(model: str) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from ..notifier import ANY_MODEL_KEY, job_key, queue_key
+from ..notifier import ANY_MODEL_KEY, cancel_key, job_key, queue_key
 from .base import Connection
 
 
@@ -28,6 +28,7 @@ class Status(StrEnum):
 ACTIVE = (Status.DELIVERED.value, Status.RUNNING.value)
 FINAL = (Status.DONE.value, Status.FAILED.value, Status.CANCELLED.value)
 FINAL_SQL = ", ".join(f"'{s}'" for s in FINAL)
+ACTIVE_SQL = ", ".join(f"'{s}'" for s in ACTIVE)
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,16 @@ def cancel_job(conn: Connection, job_id: str, now: float) -> str | None:
         else:
             conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             status = row[0]
+            conn.notify(cancel_key(job_id))     # an agent socket holding it pushes the cancel at once
         conn.notify(job_key(job_id))
         return status
+
+
+def cancel_requested(conn: Connection, job_id: str) -> bool:
+    """Whether the job's user asked to cancel it while an agent runs it (its agent must stop)."""
+    row = conn.execute(f"SELECT cancel_requested FROM jobs WHERE id = ? AND status IN ({ACTIVE_SQL})",
+                       (job_id,)).fetchone()
+    return bool(row and row[0])
 
 
 def set_client_left(conn: Connection, job_id: str, left_at: float | None) -> None:
