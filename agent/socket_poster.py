@@ -95,9 +95,9 @@ class SocketPoster:
         self.flush()
 
     def heartbeat(self) -> None:
-        """Renew the lease with an empty frame, unless tokens are unsent or unacknowledged."""
+        """Renew the lease with an empty frame, unless tokens wait to be sent (their frame renews it)."""
         with self._cond:
-            if self._pending or self._in_flight or self._stopped() or self._finish is not None:
+            if self._sent < self._acked + len(self._pending) or self._stopped() or self._finish is not None:
                 return
             self._heartbeat_due = True
         self.flush()

@@ -35,8 +35,8 @@ class Configuration:
 
 # The design card's retrofit: 100 ms short poll, TokenBatcher 5 tokens / 50 ms, keep-alive (the agent's
 # client always reuses connections outside --legacy), the in-process condition notifier.
-RETROFIT_AGENT = {"POLL_INTERVAL": "0.1", "LONG_POLL": "0", "BATCH_MAX_TOKENS": "5", "BATCH_MAX_DELAY": "0.05",
-                  "BATCH_MODE": "fixed"}
+RETROFIT_AGENT = {"TRANSPORT": "http", "POLL_INTERVAL": "0.1", "LONG_POLL": "0", "BATCH_MAX_TOKENS": "5",
+                  "BATCH_MAX_DELAY": "0.05", "BATCH_MODE": "fixed"}
 # Long enough that an idle agent costs one request per 25 s, short enough to stay under the server's
 # ORCH_MAX_LONG_POLL (30 s) and the idle timeouts of common proxies and NATs (60 s and more).
 LONG_POLL_SECONDS = "25"
@@ -59,6 +59,8 @@ CONFIGURATIONS = {
         Configuration("adaptive", "after+longpoll with BATCH_MODE=adaptive (post as soon as no POST is in "
                       "flight)", {"ORCH_NOTIFIER": "condition"},
                       {**RETROFIT_AGENT, "LONG_POLL": LONG_POLL_SECONDS, "BATCH_MODE": "adaptive"}),
+        Configuration("ws", "the WebSocket transport (TRANSPORT=ws): jobs pushed the moment they are queued, "
+                      "tokens sent as frames as they come", {"ORCH_NOTIFIER": "condition"}, {"TRANSPORT": "ws"}),
     )
 }
 

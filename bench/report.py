@@ -26,8 +26,10 @@ LATENCY_COLUMNS = (
 )
 COST_COLUMNS = (
     ("configuration", "config"), ("network", "network"), ("case", "case"),
-    ("agent requests/100 tok", "requests_per_100_tokens"), ("connections/100 tok", "connections_per_100_tokens"),
+    ("agent requests/100 tok", "requests_per_100_tokens"), ("agent frames/100 tok", "frames_per_100_tokens"),
+    ("connections/100 tok", "connections_per_100_tokens"),
     ("server CPU s/100 tok", "server_cpu_s_per_100_tokens"), ("agent CPU s/100 tok", "agent_cpu_s_per_100_tokens"),
+    ("CPU ms/token", "cpu_ms_per_token"),
     ("tokens", "tokens"), ("lost", "lost"), ("duplicated", "duplicated"), ("failed chats", "failed"),
 )
 

@@ -39,6 +39,8 @@ bp = Blueprint("agent_socket", __name__)
 # Frames received and not yet handled; one more closes the socket as a flood.  The reference agent keeps at most
 # 16 frames unacknowledged per job (agent/socket_poster.py), so this is 256 jobs' worth of a legitimate agent.
 MAX_QUEUED_FRAMES = 4096
+# Frames of one job acknowledged together (the agent keeps up to 16 unacknowledged: agent/socket_poster.py).
+ACK_EVERY = 8
 
 
 # Werkzeug routes a request that asks for an upgrade only to a rule marked websocket=True (any other gets a bare
@@ -88,6 +90,7 @@ class AgentSession:
         self.jobs_seen = 0                          # job frames the agent had received when it announced
         self.jobs_sent = 0
         self.held: dict[str, int] = {}              # jobs pushed here and not known to be over -> cancel key version
+        self.unacked: dict[str, int] = {}           # chunks frames stored but not acknowledged yet, by job
         self.wake_key = f"socket:{uuid.uuid4().hex}"
         self.lock = threading.Lock()
         self.dispatcher = Dispatcher(self)
@@ -182,6 +185,13 @@ class AgentSession:
         done = post.done and not result.cancelled and result.next_seq == post.seq + len(post.chunks)
         if done or result.cancelled:
             self._release(post.id)
+        with self.lock:
+            unacked = self.unacked.pop(post.id, 0) + 1
+            # Acks are cumulative: one per ACK_EVERY frames of a stream is enough, and saves the agent a wake-up
+            # per token. A heartbeat (no chunks), the end or a cancel is answered at once.
+            if post.chunks and unacked < ACK_EVERY and not (post.done or result.cancelled or result.finished):
+                self.unacked[post.id] = unacked
+                return
         self.send(frames.ACK, id=post.id, next_seq=result.next_seq, done=done, cancelled=result.cancelled)
 
     def _refused(self, job_id: str | None, exc: ApiError) -> None:
@@ -196,6 +206,7 @@ class AgentSession:
     def _release(self, job_id: str) -> None:
         with self.lock:
             self.held.pop(job_id, None)
+            self.unacked.pop(job_id, None)
 
     def _count(self, direction: str, frame_type: str) -> None:
         if self.metrics is not None:

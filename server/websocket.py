@@ -23,10 +23,10 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import queue
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 RECV_BYTES = 65536
 # After our close frame, the peer gets this long to answer with its own before the socket is dropped.
 CLOSE_TIMEOUT = 2.0
-_CLOSED = object()
 
 
 class HandshakeError(ValueError):
@@ -90,7 +89,11 @@ class WebSocket:
         self.max_message_bytes = max_message_bytes
         self._conn = Connection(ConnectionType.SERVER)
         self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
+        # A deque and an Event rather than queue.Queue: a Condition per get() cost ~2 greenlet switches a frame.
+        self._messages: deque[str | bytes] = deque()
+        self._ready = threading.Event()
+        self._ended = False
+        self.max_queued = max_queued
         self._partial: list = []
         self._partial_bytes = 0
         self.closed: Closed | None = None
@@ -106,13 +109,16 @@ class WebSocket:
 
     def receive(self) -> str | bytes | None:
         """The next complete message, or None once the connection has ended (see ``closed``)."""
-        if self.closed is not None and self.closed.code == CLOSE_POLICY_VIOLATION:
-            return None                         # what a flooding or oversending peer queued is dropped
-        item = self._queue.get()
-        if item is _CLOSED:
-            self._queue.put_nowait(_CLOSED)     # every later call returns None too
-            return None
-        return item
+        while True:
+            if self.closed is not None and self.closed.code == CLOSE_POLICY_VIOLATION:
+                return None                     # what a flooding or oversending peer queued is dropped
+            if self._messages:
+                return self._messages.popleft()
+            if self._ended:
+                return None
+            self._ready.clear()
+            if not (self._messages or self._ended):
+                self._ready.wait()
 
     def send(self, text: str) -> bool:
         """Send one text message; False if the connection is gone (nothing to retry: the peer reconnects)."""
@@ -176,11 +182,14 @@ class WebSocket:
                 self._conn.receive_data(data or None)
                 if not self._handle_events() or not data:
                     break
-                # A peer sending without pause keeps recv() from ever blocking: let the worker's other greenlets run.
-                time.sleep(0)
+                if len(data) == RECV_BYTES:
+                    # More is waiting: a peer sending without pause keeps recv() from ever blocking,
+                    # so let the worker's other greenlets run.
+                    time.sleep(0)
         finally:
             self._finish(1006, "connection lost")
-            self._drain_and_end()
+            self._ended = True
+            self._ready.set()
 
     def _handle_events(self) -> bool:
         """Act on what the last bytes brought; False once the connection must end."""
@@ -211,23 +220,11 @@ class WebSocket:
         message = ("" if isinstance(event, TextMessage) else b"").join(self._partial)
         self._partial, self._partial_bytes = [], 0
         self.received += 1
-        try:
-            self._queue.put_nowait(message)
-        except queue.Full:
+        if len(self._messages) >= self.max_queued:
             log.warning("%s: over %d frames waiting to be handled (a flood): closed (policy violation)",
-                        self.name, self._queue.maxsize)
-            self.close(CLOSE_POLICY_VIOLATION, f"over {self._queue.maxsize} frames waiting")
+                        self.name, self.max_queued)
+            self.close(CLOSE_POLICY_VIOLATION, f"over {self.max_queued} frames waiting")
             return False
+        self._messages.append(message)
+        self._ready.set()
         return True
-
-    def _drain_and_end(self) -> None:
-        # The handler reads what was already queued, then None; never blocks on a full queue here.
-        while True:
-            try:
-                self._queue.put_nowait(_CLOSED)
-                return
-            except queue.Full:
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    pass
