@@ -157,7 +157,8 @@ class SocketClient:
                 attempt += 1
                 continue
             attempt = 0
-            self._serve(conn)
+            with conn:                  # closes it however _serve ends
+                self._serve(conn)
 
     def _open(self) -> ClientConnection:
         path = urlsplit(self.url).path
@@ -199,7 +200,7 @@ class SocketClient:
         self._ever_connected = True
         self._attempted.set()
         log.info("%s: connected to %s over a WebSocket%s", self.name, self.url,
-                 f"; resending {len(posters)} job(s) from their last acknowledged token" if returning else "")
+                 f"; resending {len(posters)} job(s) from their last acknowledged token" if returning and posters else "")
         self._announce()
         for poster in posters:
             poster.rewind()

@@ -112,6 +112,9 @@ class AgentSession:
         try:
             while (message := self.ws.receive()) is not None:
                 self.handle(message)
+                if self.ws.backlog:
+                    # SQLite never yields: a burst of frames would hold the worker until the last was stored.
+                    time.sleep(0)
         finally:
             self.dispatcher.stop()
             closed = self.ws.closed
@@ -173,9 +176,11 @@ class AgentSession:
         self.wake_dispatcher()
 
     def _chunks(self, frame: dict[str, Any]) -> None:
+        if "chunk" in frame:
+            raise BadRequest("a socket takes only the batched form: 'chunks' and 'seq'", code="invalid_field")
         post = chunk_post(frame)
         if post.seq is None:
-            raise BadRequest("'seq' is required: a socket takes only the batched form", code="missing_field")
+            raise BadRequest("'seq' is required with 'chunks'", code="missing_field")
         with self.storage.connection() as conn:
             result = store_post(conn, self.agent_id, post, time.time(), self.app.config["LEASE_SECONDS"])
             if result.stored and self.metrics is not None:

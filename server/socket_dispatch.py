@@ -64,23 +64,23 @@ class Dispatcher:
             now = time.monotonic()
             if now >= retry_at:
                 try:
-                    while self._push_job():
-                        pass
                     self._push_cancels(versions)
+                    if self._push_job():
+                        continue        # the keys changed (a job to watch for cancels): read them again
                 except StorageError as exc:
                     log.warning("agent %s: dispatch paused, the database failed: %s", session.agent_id, exc)
                     retry_at = now + STORAGE_RETRY_SECONDS
-            if pinged_at is not None and ws.last_pong < pinged_at and now - pinged_at >= timeout:
+            # One ping at a time: the next goes out once the last was answered and the interval has passed.
+            outstanding = pinged_at is not None and ws.last_pong < pinged_at
+            if outstanding and now - pinged_at >= timeout:
                 log.warning("agent %s: no pong %g s after a ping: closing its socket as dead", session.agent_id, timeout)
                 ws.abort(1006, f"no pong within {timeout:g} s")
                 return
-            if now >= next_ping:
-                pinged_at, next_ping = now, now + interval
+            if not outstanding and now >= next_ping:
+                pinged_at, next_ping, outstanding = now, now + interval, True
                 ws.ping()
                 self._touch()
-            wait_until = next_ping
-            if pinged_at is not None and ws.last_pong < pinged_at:
-                wait_until = min(wait_until, pinged_at + timeout)
+            wait_until = pinged_at + timeout if outstanding else next_ping
             if retry_at > now:
                 wait_until = min(wait_until, retry_at)
             self.notifier.wait_any(versions, max(0.0, wait_until - time.monotonic()))
@@ -121,7 +121,9 @@ class Dispatcher:
         if not moved:
             return
         with session.storage.connection() as conn:
-            cancelled = [job_id for job_id in moved if jobs.cancel_requested(conn, job_id)]
+            # Told of its cancel, the agent stops and sends nothing more: the job ends now, as a POST
+            # answered "cancelled" ends it over HTTP.
+            cancelled = [job_id for job_id in moved if jobs.close_cancelled(conn, job_id, time.time())]
         for job_id in cancelled:
             with session.lock:
                 session.held.pop(job_id, None)

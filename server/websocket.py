@@ -120,6 +120,11 @@ class WebSocket:
             if not (self._messages or self._ended):
                 self._ready.wait()
 
+    @property
+    def backlog(self) -> int:
+        """Messages received and not yet handed to the handler."""
+        return len(self._messages)
+
     def send(self, text: str) -> bool:
         """Send one text message; False if the connection is gone (nothing to retry: the peer reconnects)."""
         return self._send_event(TextMessage(data=text))

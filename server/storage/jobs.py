@@ -159,11 +159,14 @@ def cancel_job(conn: Connection, job_id: str, now: float) -> str | None:
         return status
 
 
-def cancel_requested(conn: Connection, job_id: str) -> bool:
-    """Whether the job's user asked to cancel it while an agent runs it (its agent must stop)."""
-    row = conn.execute(f"SELECT cancel_requested FROM jobs WHERE id = ? AND status IN ({ACTIVE_SQL})",
-                       (job_id,)).fetchone()
-    return bool(row and row[0])
+def close_cancelled(conn: Connection, job_id: str, now: float) -> bool:
+    """End a handed-out job whose user asked to cancel it, as its agent is told to stop; False if it was not so."""
+    cursor = conn.execute(
+        "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_expires = NULL"
+        f" WHERE id = ? AND cancel_requested = 1 AND status IN ({ACTIVE_SQL})", (now, job_id))
+    if cursor.rowcount:
+        conn.notify(job_key(job_id))
+    return cursor.rowcount > 0
 
 
 def set_client_left(conn: Connection, job_id: str, left_at: float | None) -> None:
