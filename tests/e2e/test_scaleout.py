@@ -175,6 +175,34 @@ def test_the_agent_on_one_host_and_the_user_on_another_then_resuming_on_the_firs
     assert resumed.ids == list(range(60))
 
 
+def test_an_agent_socket_on_one_host_serves_users_of_another_and_their_cancels_cross_too(hosts, pg_url, sim,
+                                                                                          tmp_path):
+    """A job queued on host B reaches the agent's socket on host A at once, and so does its cancel."""
+    host_a, host_b = hosts(pg_url, ORCH_CANCEL_GRACE="0")
+    agent = launch_agent(host_a, sim.url, tmp_path / "agent.log", "agent", TRANSPORT="ws")
+    answer = chat(host_b, "across hosts")
+    assert answer.done and answer.text == expected("across hosts", 30)
+    with start_chat(host_b, "stop me", sim_first_token_ms=60_000, sim_tag="stopped") as response:
+        job_id = response.headers["X-Request-Id"]
+        wait_until(lambda: [r for r in sim.records() if r.get("tag") == "stopped"], 15, message="Ollama's request")
+        assert requests.delete(f"{host_b.url}/api/v1/chat/{job_id}", timeout=10).status_code == 200
+        req = next(r["req"] for r in sim.records() if r.get("tag") == "stopped")
+        # No frame from the agent while Ollama "thinks": only the cancel pushed from host A can stop it.
+        ended = wait_until(lambda: [r for r in sim.records() if r["req"] == req and r["event"] != "start"], 15,
+                           message="the agent closing its Ollama stream")
+    assert ended[0]["event"] == "client_gone"
+    assert "over a WebSocket" in agent.log() and "Traceback" not in agent.log()
+
+
+def test_an_agent_socket_through_nginx_is_upgraded_and_serves(hosts, front, pg_url, sim, tmp_path):
+    host_a, host_b = hosts(pg_url)
+    nginx = front([host_a, host_b])
+    agent = launch_agent(host_a, sim.url, tmp_path / "agent.log", "agent", api_base=nginx.url)   # TRANSPORT=auto
+    answer = chat(nginx, "through nginx")
+    assert answer.done and answer.text == expected("through nginx", 30)
+    assert "over a WebSocket" in agent.log() and "refused" not in agent.log()
+
+
 def test_a_host_killed_mid_stream_behind_nginx_loses_and_duplicates_nothing(hosts, front, pg_url, sim, tmp_path):
     host_a, host_b = hosts(pg_url, **FAST_LEASES)
     nginx = front([host_a, host_b])
