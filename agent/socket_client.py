@@ -203,7 +203,7 @@ class SocketClient:
                  f"; resending {len(posters)} job(s) from their last acknowledged token" if returning and posters else "")
         self._announce()
         for poster in posters:
-            poster.rewind()
+            poster.flush()                  # everything unacknowledged: `reset` made it due when the last one died
         try:
             for message in conn:
                 self._handle(message)
@@ -213,6 +213,9 @@ class SocketClient:
             with self._lock:
                 self._conn = None
                 self._disconnected_at = time.monotonic()
+                posters = list(self._posters.values())
+            for poster in posters:
+                poster.reset()
             if not self._stop.is_set():
                 log.warning("%s: WebSocket closed (%s); reconnecting", self.name, _close_reason(conn))
 

@@ -134,23 +134,32 @@ class SocketPoster:
             while True:
                 with self._cond:
                     # Decided under the lock that clears the flag: a token added meanwhile is never left behind.
-                    frame = self._cut() if written else None
-                    if frame is None:
+                    cut = self._cut() if written else None
+                    if cut is None:
                         self._sending = False
                         return
-                # False: the connection is down; `rewind` sends it all again on the next one.
+                frame, batch = cut
                 written = self._send(frame)
+                if not written:
+                    # No connection: the frame never left, so the next one (after a reconnect) starts here.
+                    with self._cond:
+                        self._unsend(batch)
         except BaseException:
             with self._cond:
                 self._sending = False
             raise
 
-    def rewind(self) -> None:
-        """A new connection: everything not acknowledged is due again."""
+    def reset(self) -> None:
+        """The connection is lost: frames written into it may never have arrived, so all that is not
+        acknowledged is due again, from the last ack (sent by `flush` on the next connection)."""
         with self._cond:
             self._sent = self._acked
             self._in_flight.clear()
             self._final_sent = False
+
+    def rewind(self) -> None:
+        """`reset`, then send again what is due."""
+        self.reset()
         self.flush()
 
     def acknowledged(self, next_seq: int, done: bool, cancelled: bool) -> None:
@@ -225,7 +234,16 @@ class SocketPoster:
         self._pending.clear()
         self._cond.notify_all()
 
-    def _cut(self) -> str | None:
+    def _unsend(self, batch: ChunkBatch) -> None:
+        self._sent = min(self._sent, batch.seq)
+        if self._in_flight and self._in_flight[-1] == batch.end_seq:
+            self._in_flight.pop()
+        if batch.done:
+            self._final_sent = False
+        if not batch.chunks and not batch.done:
+            self._heartbeat_due = True
+
+    def _cut(self) -> tuple[str, ChunkBatch] | None:
         """The next frame to write, or None: everything is sent, the window is full, or the job is over."""
         if self._stopped() or self._done_delivered or len(self._in_flight) >= WINDOW:
             return None
@@ -246,4 +264,4 @@ class SocketPoster:
         self._heartbeat_due = False
         self._final_sent = self._final_sent or final
         self._frames += 1
-        return chunks_frame(batch.to_json())
+        return chunks_frame(batch.to_json()), batch
