@@ -129,7 +129,8 @@ def test_the_delay_proxy_relays_kept_alive_requests_and_streams_intact(tmp_path,
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("setup", [["--engine", "sqlite"], ["--engine", "postgres", "--hosts", "2", "--route", "cross"]])
+@pytest.mark.parametrize("setup", [["--engine", "sqlite"], ["--transport", "ws"],
+                                   ["--engine", "postgres", "--hosts", "2", "--route", "cross"]])
 def test_the_scaling_benchmark_runs_a_level_and_loses_nothing(tmp_path, setup, request):
     """`make bench-load`'s scaling table, one small level: servers, the load generator, its figures."""
     if "postgres" in setup:
