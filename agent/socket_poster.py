@@ -18,11 +18,10 @@ acknowledged, not stored twice.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable
 
-from agent.batcher import ChunkBatch
+from agent.batcher import ChunkBatch, JobStream
 from agent.exceptions import AgentError, ProtocolError
 from protocol.frames import chunks_frame
 
@@ -38,39 +37,21 @@ GONE_CODES = frozenset({"not_your_job", "job_not_found", "lease_expired", "job_d
 ESCAPED_CHARS_PER_CHAR = 6
 
 
-class SocketPoster:
+class SocketPoster(JobStream):
     """The tokens of one job, delivered over a `SocketClient`; the same interface as `TokenBatcher`."""
 
     def __init__(self, job_id: str, send: Callable[[str], bool], max_frame_bytes: Callable[[], int], *,
                  on_cancel: Callable[[], None] | None = None, on_close: Callable[[SocketPoster], None] | None = None,
                  ) -> None:
-        self.job_id = job_id
+        super().__init__(job_id, on_cancel)
         self._send = send
         self._max_frame_bytes = max_frame_bytes
-        self._on_cancel = on_cancel
         self._on_close = on_close
-        self._cond = threading.Condition()
-        self._pending: list[str] = []   # every token from index _acked on
-        self._acked = 0
         self._sent = 0                  # tokens before this index were written on the current connection
         self._in_flight: deque[int] = deque()   # the end seq of each frame awaiting its ack
-        self._finish: tuple[dict | None, str | None] | None = None
         self._final_sent = False
-        self._done_delivered = False
-        self._heartbeat_due = False
         self._sending = False
-        self._closed = False
-        self._cancelled = False
-        self._failed: BaseException | None = None
         self._frames = 0
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    @property
-    def failed(self) -> BaseException | None:
-        return self._failed
 
     @property
     def sent_requests(self) -> int:
@@ -104,20 +85,13 @@ class SocketPoster:
 
     def finish(self, stats: dict | None = None, error: str | None = None, timeout: float | None = None) -> bool:
         """Send what is left with done=true and wait for its ack; True once the server has it."""
-        with self._cond:
-            if self._finish is None:
-                self._finish = (stats, error)
+        self._ask_to_finish(stats, error)
         self.flush()
-        with self._cond:
-            self._cond.wait_for(lambda: self._done_delivered or self._stopped(), timeout)
-            return self._done_delivered
+        return self._wait_finished(timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Forget the job: nothing more is sent for it."""
-        with self._cond:
-            self._closed = True
-            self._pending.clear()
-            self._cond.notify_all()
+        self._mark_closed()
         if self._on_close is not None:
             self._on_close(self)
 
@@ -166,8 +140,8 @@ class SocketPoster:
         """An ``ack`` frame: the server holds every chunk before `next_seq`."""
         with self._cond:
             if not self._acked <= next_seq <= self._acked + len(self._pending):
-                self._give_up(ProtocolError(f"server at seq {next_seq}, but {self._acked} were acknowledged and "
-                                            f"{self._acked + len(self._pending)} sent"))
+                self._fail(ProtocolError(f"server at seq {next_seq}, but {self._acked} were acknowledged and "
+                                         f"{self._acked + len(self._pending)} sent"))
                 return
             self._forget_before(next_seq)
             while self._in_flight and self._in_flight[0] <= next_seq:
@@ -176,7 +150,7 @@ class SocketPoster:
                 self._done_delivered = True
             self._cond.notify_all()
         if cancelled:
-            self.cancel()
+            self._cancel()
         else:
             self.flush()
 
@@ -185,7 +159,7 @@ class SocketPoster:
         if code == "seq_gap" and next_seq is not None:
             with self._cond:
                 if next_seq < self._acked:
-                    self._give_up(ProtocolError(f"server at seq {next_seq}, below the {self._acked} it acknowledged"))
+                    self._fail(ProtocolError(f"server at seq {next_seq}, below the {self._acked} it acknowledged"))
                     return
                 self._forget_before(min(next_seq, self._acked + len(self._pending)))
                 self._sent, self._final_sent = self._acked, False
@@ -193,46 +167,32 @@ class SocketPoster:
             self.flush()
         elif code in GONE_CODES:
             log.warning("job %s: the server says %s (%s): stopping it", self.job_id, code, message)
-            self.cancel()
+            self._cancel()
         else:
-            with self._cond:
-                self._give_up(ProtocolError(f"server refused a frame: {code}: {message}"))
+            self._fail(ProtocolError(f"server refused a frame: {code}: {message}"))
 
     def cancel(self) -> None:
-        """The user has gone (a ``cancel`` frame) or the job is no longer ours: stop generating."""
-        with self._cond:
-            if self._cancelled:
-                return
-            self._cancelled = True
-            self._pending.clear()
-            self._cond.notify_all()
-        if self._on_cancel is not None:
-            try:
-                self._on_cancel()
-            except Exception:
-                log.exception("job %s: on_cancel raised; the stream is stopped anyway", self.job_id)
+        """A ``cancel`` frame: the user has gone, stop generating."""
+        self._cancel()
 
     def fail(self, exc: AgentError) -> None:
         """Give up (the server unreachable past the retry deadline); the server's lease takes the job back."""
-        with self._cond:
-            self._give_up(exc)
+        self._fail(exc)
 
     # --- internals (under the lock) ---------------------------------------------------------
 
-    def _stopped(self) -> bool:
-        return self._closed or self._cancelled or self._failed is not None
+    def _fail(self, exc: BaseException) -> None:
+        if not self._stopped():
+            log.error("job %s: giving up its stream: %s", self.job_id, exc)
+        self._give_up(exc)
+
+    def _drop_in_flight(self) -> None:
+        self._in_flight.clear()
 
     def _forget_before(self, next_seq: int) -> None:
         del self._pending[: next_seq - self._acked]
         self._acked = next_seq
         self._sent = max(self._sent, next_seq)
-
-    def _give_up(self, exc: BaseException) -> None:
-        if not self._stopped():
-            log.error("job %s: giving up its stream: %s", self.job_id, exc)
-            self._failed = exc
-        self._pending.clear()
-        self._cond.notify_all()
 
     def _unsend(self, batch: ChunkBatch) -> None:
         self._sent = min(self._sent, batch.seq)
