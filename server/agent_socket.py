@@ -26,7 +26,7 @@ from protocol.wire import CONNECT_PATH
 
 from . import body
 from .auth import agent_required
-from .errors import ApiError, BadRequest
+from .errors import ApiError, BadRequest, Unauthorized
 from .inference import MAX_SLOTS, checked_models, chunk_post, store_post
 from .socket_dispatch import Dispatcher
 from .storage import StorageError, agents, close_db, get_storage
@@ -156,6 +156,9 @@ class AgentSession:
             log.warning("agent %s: the database failed; closing its socket so it resends on a new one",
                         self.agent_id, exc_info=True)
             self.ws.close(frames.CLOSE_INTERNAL_ERROR, "the server's database is unavailable: reconnect shortly")
+        except Unauthorized:
+            log.info("agent %s was removed; closing its socket", self.agent_id)
+            self.ws.close(frames.CLOSE_POLICY_VIOLATION, "this agent was removed")
         except ApiError as exc:
             self._refused(job_id, exc)
 

@@ -70,6 +70,9 @@ class Dispatcher:
                 except StorageError as exc:
                     log.warning("agent %s: dispatch paused, the database failed: %s", session.agent_id, exc)
                     retry_at = now + STORAGE_RETRY_SECONDS
+                except Unauthorized:
+                    self._removed()
+                    return
             # One ping at a time: the next goes out once the last was answered and the interval has passed.
             outstanding = pinged_at is not None and ws.last_pong < pinged_at
             if outstanding and now - pinged_at >= timeout:
@@ -136,6 +139,9 @@ class Dispatcher:
                 agents.touch(conn, self.session.agent_id, time.time())
         except StorageError as exc:
             log.warning("agent %s: could not record its presence: %s", self.session.agent_id, exc)
-        except Unauthorized as exc:         # the agent was removed while connected
-            log.info("agent %s: %s; closing its socket", self.session.agent_id, exc)
-            self.session.ws.close(frames.CLOSE_POLICY_VIOLATION, "this agent was removed")
+        except Unauthorized:
+            self._removed()
+
+    def _removed(self) -> None:
+        log.info("agent %s was removed; closing its socket", self.session.agent_id)
+        self.session.ws.close(frames.CLOSE_POLICY_VIOLATION, "this agent was removed")

@@ -22,6 +22,7 @@ from devtools.processes import ROOT, LiveServer, wait_until
 from protocol import frames
 from protocol.signing import signed_headers
 from protocol.wire import CONNECT_PATH
+from server.storage import agents, migrated
 from server.storage.agents import AgentCredentials
 from tests.e2e.chat_client import EventStream, chat, expected, start_chat
 from tests.e2e.flaky_proxy import FlakyProxy
@@ -210,6 +211,29 @@ def test_chunks_for_another_agents_job_are_refused_like_a_403_and_change_nothing
     finally:
         owner_ws.close()
         other_ws.close()
+
+
+def test_an_agent_removed_while_connected_stores_nothing_more_and_is_closed_out(server):
+    creds = server.add_agent("revoked")
+    ws = open_socket(server, creds)
+    ws.send(frames.encode(frames.ANNOUNCE, models=["m"], slots=1, jobs_seen=0))
+    wait_until(lambda: served(server, "m"), 10, message="the announced model to be served")
+    with start_chat(server, "still yours?", "m"):
+        job = receive(ws)
+        ws.send(frames.chunks_frame({"id": job["id"], "seq": 0, "chunks": [], "done": False}))
+        assert receive(ws)["type"] == frames.ACK
+        with migrated(server.database) as conn:
+            assert agents.remove_agent(conn, creds.id)
+        before = stored_rows(server.database)
+        ws.send(frames.chunks_frame({"id": job["id"], "seq": 0, "chunks": ["too late"], "done": False}))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=RECEIVE_TIMEOUT)
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (frames.CLOSE_POLICY_VIOLATION,
+                                                                 "this agent was removed")
+    assert stored_rows(server.database)["chunks"] == before["chunks"]
+    with pytest.raises(InvalidStatus) as refused:
+        upgrade(server, signed(creds))
+    assert refused.value.response.status_code == 401
 
 
 def test_an_oversized_frame_closes_the_socket_with_a_policy_violation_and_a_log_line(live_server_factory):
