@@ -39,6 +39,7 @@ bp = Blueprint("agent_socket", __name__)
 # Frames received and not yet handled; one more closes the socket as a flood.  The reference agent keeps at most
 # 16 frames unacknowledged per job (agent/socket_poster.py), so this is 256 jobs' worth of a legitimate agent.
 MAX_QUEUED_FRAMES = 4096
+KNOWN_TYPES = frozenset(frames.AGENT_TYPES + frames.SERVER_TYPES + ("invalid",))
 # Frames of one job acknowledged together (the agent keeps up to 16 unacknowledged: agent/socket_poster.py).
 ACK_EVERY = 8
 
@@ -92,6 +93,7 @@ class AgentSession:
         self.held: dict[str, int] = {}              # jobs pushed here and not known to be over -> cancel key version
         self.unacked: dict[str, int] = {}           # chunks frames stored but not acknowledged yet, by job
         self.wake_key = f"socket:{uuid.uuid4().hex}"
+        self._counters: dict[tuple[str, str], Any] = {}
         self.lock = threading.Lock()
         self.dispatcher = Dispatcher(self)
 
@@ -188,8 +190,6 @@ class AgentSession:
             result = store_post(conn, self.agent_id, post, time.time(), self.app.config["LEASE_SECONDS"])
             if result.stored and self.metrics is not None:
                 self.metrics.observe_first_token(conn, post.id)
-        if result.changed:
-            time.sleep(0)       # let the woken stream write the token before the ack is built (see inference.stream)
         done = post.done and not result.cancelled and result.next_seq == post.seq + len(post.chunks)
         if done or result.cancelled:
             self._release(post.id)
@@ -199,7 +199,9 @@ class AgentSession:
             # per token. A heartbeat (no chunks), the end or a cancel is answered at once.
             if post.chunks and unacked < ACK_EVERY and not (post.done or result.cancelled or result.finished):
                 self.unacked[post.id] = unacked
-                return
+                return          # the woken stream runs as this greenlet waits for the next frame
+        if result.changed:
+            time.sleep(0)       # let the woken stream write the token before the ack is built (see inference.stream)
         self.send(frames.ACK, id=post.id, next_seq=result.next_seq, done=done, cancelled=result.cancelled)
 
     def _refused(self, job_id: str | None, exc: ApiError) -> None:
@@ -217,7 +219,13 @@ class AgentSession:
             self.unacked.pop(job_id, None)
 
     def _count(self, direction: str, frame_type: str) -> None:
-        if self.metrics is not None:
-            if frame_type not in frames.AGENT_TYPES + frames.SERVER_TYPES:
-                frame_type = "other"
-            self.metrics.socket_frames.labels(direction, frame_type).inc()
+        if frame_type not in KNOWN_TYPES:
+            frame_type = "other"        # an agent's made-up types must not grow the metric (or this cache)
+        counter = self._counters.get((direction, frame_type))
+        if counter is None:
+            if self.metrics is None:
+                return
+            # labels() takes a lock and hashes its values: done once per kind of frame, not per token.
+            counter = self._counters[(direction, frame_type)] = self.metrics.socket_frames.labels(direction,
+                                                                                                 frame_type)
+        counter.inc()

@@ -8,8 +8,10 @@ import http.client
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+from websockets.sync.client import connect
 
 from bench.client import Token, Trace, stream_ollama
 from bench.configs import CONFIGURATIONS
@@ -18,6 +20,9 @@ from bench.metrics import SUMMARY_FIELDS, ChatResult, measure_chat
 from bench.processes import launch_proxy
 from bench.report import COST_COLUMNS, LATENCY_COLUMNS
 from devtools.processes import ROOT
+from protocol import frames
+from protocol.signing import signed_headers
+from protocol.wire import CONNECT_PATH
 from sim.tokens import expected_text
 
 QUICK_RUN = ["--profile", "quick", "--network", "loopback", "--requests", "2", "--concurrent", "4x2"]
@@ -124,6 +129,21 @@ def test_the_delay_proxy_relays_kept_alive_requests_and_streams_intact(tmp_path,
         trace = stream_ollama(url, payload)
         assert trace.done and trace.error is None
         assert "".join(t.text for t in trace.tokens) == expected_text(0, 30, "sim", "through the proxy")
+    finally:
+        proxy.stop()
+
+
+def test_the_delay_proxy_relays_an_upgraded_agent_socket(tmp_path, live_server):
+    """The WAN cells' agents hold a WebSocket through the proxy: the upgrade and the frames both ways pass."""
+    proxy = launch_proxy(tmp_path, "ws", live_server.url, rtt_ms=10)
+    creds = live_server.add_agent("far")
+    try:
+        url = proxy.read_listening_url().replace("http://", "ws://") + CONNECT_PATH
+        headers = signed_headers(creds.id, creds.secret, "GET", CONNECT_PATH, b"", int(time.time()))
+        with connect(url, additional_headers=headers, open_timeout=10) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == frames.WELCOME
+            ws.send("not json")
+            assert json.loads(ws.recv(timeout=10))["code"] == "invalid_frame"
     finally:
         proxy.stop()
 
