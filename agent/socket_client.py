@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
-from agent.backoff import Backoff
+from agent.backoff import SERVER_BACKOFF
 from agent.exceptions import AgentError, MalformedJob, SignatureRejected, TransportError, UpgradeRefused
 from agent.job import Job
 from agent.socket_poster import SocketPoster
@@ -39,7 +39,6 @@ CLOSE_TIMEOUT = 2.0
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024   # until the server's welcome says otherwise
 # Tokens unacknowledged this long without a connection are given up: the server's lease has taken the job back.
 RETRY_DEADLINE = 60.0
-DEFAULT_BACKOFF = Backoff(base=0.1, cap=10.0)
 # Answers to the upgrade that mean "try again later" rather than "no WebSocket here".
 TRANSIENT_STATUSES = {408, 429, 500, 502, 503, 504}
 USER_AGENT = "ollama-orchestrator-agent/0.1"
@@ -56,7 +55,7 @@ def socket_url(api_base: str) -> str:
 class SocketClient:
     """The connection to the server as agent `agent_id`; `start()` it, then take jobs with `next_job`."""
 
-    backoff = DEFAULT_BACKOFF
+    backoff = SERVER_BACKOFF        # the poll loop's: the same capped, jittered back-off
     retry_deadline = RETRY_DEADLINE
 
     def __init__(self, api_base: str, agent_id: str, secret: str, *, name: str = "agent",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from enum import StrEnum
 
 from agent.backend import Backend, BackendError
-from agent.backoff import Backoff
+from agent.backoff import SERVER_BACKOFF
 from agent.client import ServerClient
 from agent.config import AgentConfig
 from agent.exceptions import (
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 MODELS_REFRESH_SECONDS = 60.0
 # An unreachable or confused server is polled again after 0.1 s, 0.2 s, ... up to 10 s.
-DEFAULT_BACKOFF = Backoff(base=0.1, cap=10.0)
+DEFAULT_BACKOFF = SERVER_BACKOFF
 # After the shutdown deadline, the aborted jobs get this long to post their final error.
 SHUTDOWN_FINISH_GRACE = 5.0
 SHUTDOWN_REASON = "the agent shut down before the answer was complete"

@@ -366,3 +366,15 @@ def test_jobs_running_on_several_slots_of_one_socket_stream_at_once(server, simu
         thread.join(60)
     assert [answers[i].text for i in range(8)] == [expected(f"in parallel {i}", 30) for i in range(8)]
     assert metric(server, 'orchestrator_agent_socket_frames_total{direction="out",type="job"}') == 8
+
+
+def test_a_server_stopping_closes_its_agent_sockets_as_going_away_and_the_agent_comes_back(
+        live_server_factory, simulator, start_agent):
+    server = live_server_factory()
+    agent = start_agent(server, simulator.url, TRANSPORT="ws")
+    assert server.stop() == 0                     # SIGTERM: the worker wakes the socket's dispatcher at once
+    wait_until(lambda: "WebSocket closed (1001: the server is shutting down: reconnect)" in agent.log(), 15,
+               message="the agent told the server is going away")
+    server.start()
+    answer = chat(server, "back again")
+    assert answer.done and answer.text == expected("back again", 30)
