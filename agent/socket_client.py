@@ -39,6 +39,8 @@ CLOSE_TIMEOUT = 2.0
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024   # until the server's welcome says otherwise
 # Tokens unacknowledged this long without a connection are given up: the server's lease has taken the job back.
 RETRY_DEADLINE = 60.0
+# A connection open this long before it dropped resets the back-off: the next attempt comes within 0.1 s.
+STABLE_SECONDS = 10.0
 # Answers to the upgrade that mean "try again later" rather than "no WebSocket here".
 TRANSIENT_STATUSES = {408, 429, 500, 502, 503, 504}
 USER_AGENT = "ollama-orchestrator-agent/0.1"
@@ -155,9 +157,12 @@ class SocketClient:
                 self._stop.wait(self.backoff.delay(attempt))
                 attempt += 1
                 continue
-            attempt = 0
+            opened = time.monotonic()
             with conn:                  # closes it however _serve ends
                 self._serve(conn)
+            # A connection that lasted counts as a success; one the server keeps closing at once backs off.
+            attempt = 0 if time.monotonic() - opened > STABLE_SECONDS else attempt + 1
+            self._stop.wait(self.backoff.delay(attempt))
 
     def _open(self) -> ClientConnection:
         path = urlsplit(self.url).path

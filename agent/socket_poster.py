@@ -40,6 +40,8 @@ ESCAPED_CHARS_PER_CHAR = 6
 class SocketPoster(JobStream):
     """The tokens of one job, delivered over a `SocketClient`; the same interface as `TokenBatcher`."""
 
+    sent_unit = "frames"        # what `sent_requests` counts, in the job's log line
+
     def __init__(self, job_id: str, send: Callable[[str], bool], max_frame_bytes: Callable[[], int], *,
                  on_cancel: Callable[[], None] | None = None, on_close: Callable[[SocketPoster], None] | None = None,
                  ) -> None:
@@ -55,7 +57,7 @@ class SocketPoster(JobStream):
 
     @property
     def sent_requests(self) -> int:
-        """Frames written, resends and heartbeats included (the job log's "POSTs")."""
+        """Frames written, resends and heartbeats included."""
         return self._frames
 
     @property
