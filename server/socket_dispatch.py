@@ -40,7 +40,7 @@ class Dispatcher:
         self.config = session.app.config
         self.notifier = session.storage.notifier
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=f"ws-dispatch-{session.agent_id}", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"ws-dispatch-{session.agent_id}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -49,6 +49,15 @@ class Dispatcher:
         self._stopped = True
         self.session.wake_dispatcher()
         self._thread.join()
+
+    def _serve(self) -> None:
+        try:
+            self._run()
+        except Exception:
+            # A socket nothing is pushed to would look connected and get no work: close it, the agent reconnects.
+            log.error("agent %s: its socket's dispatcher failed; closing the socket", self.session.agent_id,
+                      exc_info=True)
+            self.session.ws.close(frames.CLOSE_INTERNAL_ERROR, "the server failed: reconnect")
 
     def _run(self) -> None:
         session, ws = self.session, self.session.ws
