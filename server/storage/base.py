@@ -140,12 +140,6 @@ class Storage:
         """Let another process sweep."""
 
     @contextmanager
-    def migrating(self, conn: Connection) -> Iterator[None]:
-        """Hold off every other process's migrations meanwhile (engines shared between hosts); SQLite's write lock
-        already serializes them."""
-        yield
-
-    @contextmanager
     def connection(self) -> Iterator[Connection]:
         """A pooled connection for a short piece of work outside a view (one read of a stream, a sweep)."""
         if has_app_context() and "db" in g:

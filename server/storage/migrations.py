@@ -78,7 +78,7 @@ def _pending(storage: Storage, conn: Connection, directory: Path | None) -> list
 def migrate(storage: Storage, directory: Path | None = None) -> list[str]:
     """Apply pending migrations in order; returns the names applied (empty if current)."""
     names = []
-    with storage.connection() as conn, storage.migrating(conn):
+    with storage.connection() as conn:
         for migration in _pending(storage, conn, directory):
             statements = storage.split_statements(migration.sql)
             with conn.transaction():

@@ -20,8 +20,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -43,7 +42,6 @@ LISTENER_OPTIONS = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepal
                     "keepalives_interval": 5, "keepalives_count": 3}
 # The sweeper's advisory lock: one sweep at a time across every host (an arbitrary 64-bit constant).
 SWEEP_LOCK = 0x6F7263686573  # "orches"
-MIGRATION_LOCK = SWEEP_LOCK + 1
 _PLACEHOLDER = re.compile(r"\?")
 
 
@@ -181,16 +179,6 @@ class PostgresStorage(Storage):
 
     def sweep_unlock(self, conn: Connection) -> None:
         conn.execute("SELECT pg_advisory_unlock(?)", (SWEEP_LOCK,))
-
-    @contextmanager
-    def migrating(self, conn: Connection) -> Iterator[None]:
-        """One migrating process at a time: hosts started together on a fresh database raced to create the
-        migrations table (a unique violation in pg_type) and to apply the same migration."""
-        conn.execute("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))
-        try:
-            yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(?)", (MIGRATION_LOCK,))
 
     def start_listening(self, give_up_after: float) -> None:
         """Feed other processes' notifications into this process's notifier (one connection, one thread)."""

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from server import create_app
-from server.storage import StorageError, migrations, open_storage
+from server.storage import StorageError, open_storage
 from server.storage.migrations import MigrationError, applied, available, migrate
 
 
@@ -99,31 +98,3 @@ def test_cli_migrate_refuses_newer_database_with_a_clear_line(store):
 def test_shipped_migrations_are_numbered_without_gaps(store):
     numbers = [m.number for m in available(store.migrations_dir)]
     assert numbers == list(range(1, len(numbers) + 1))
-
-
-def test_hosts_migrating_one_fresh_postgresql_database_at_once_all_start(new_database):
-    """Hosts started together each migrate on start: one at a time, the others find the schema current."""
-    url = new_database("postgres")
-    errors: list[Exception] = []
-
-    def start_host() -> None:
-        store = open_storage(url)
-        try:
-            migrations.migrate(store)
-        except Exception as exc:      # the race's unique violation, or a migration applied twice
-            errors.append(exc)
-        finally:
-            store.close()
-
-    hosts = [threading.Thread(target=start_host) for _ in range(4)]
-    for host in hosts:
-        host.start()
-    for host in hosts:
-        host.join(60)
-    assert errors == []
-    store = open_storage(url)
-    try:
-        assert migrations.pending(store) == [] and len(migrations.applied(store)) == len(
-            migrations.available(store.migrations_dir))
-    finally:
-        store.close()
