@@ -154,8 +154,9 @@ def run_level(stack: Stack, creds_file: Path, chats: int, args: argparse.Namespa
 def run_setup(setup: Setup, args: argparse.Namespace, workdir: Path) -> list[dict]:
     directory = workdir / setup.name.replace(" ", "-").replace(",", "")
     directory.mkdir(parents=True)
-    stack = Stack(setup, directory).start()
+    stack = Stack(setup, directory)
     try:
+        stack.start()           # inside the try: hosts already launched are stopped if another fails to start
         creds = register_agents(stack.database, [f"load-{i:04d}" for i in range(max(args.levels))])
         creds_file = directory / "agents.json"
         creds_file.write_text(json.dumps([[c.id, c.secret] for c in creds]))
