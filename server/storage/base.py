@@ -132,6 +132,10 @@ class Storage:
     def start_listening(self, give_up_after: float) -> None:
         """Start hearing other processes' writes (engines shared between processes); nothing to do here."""
 
+    def lock_migrations(self, conn: Connection) -> None:
+        """Hold off other processes' migrations until this transaction ends (SQLite's BEGIN IMMEDIATE already
+        takes the one write lock)."""
+
     def sweep_lock(self, conn: Connection) -> bool:
         """Whether this process may sweep now; engines shared between hosts let one sweeper in at a time."""
         return True

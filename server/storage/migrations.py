@@ -76,12 +76,22 @@ def _pending(storage: Storage, conn: Connection, directory: Path | None) -> list
 
 
 def migrate(storage: Storage, directory: Path | None = None) -> list[str]:
-    """Apply pending migrations in order; returns the names applied (empty if current)."""
+    """Apply pending migrations in order; returns the names applied here (empty if current).
+
+    Safe when several processes start on one new database at once (hosts, gunicorn workers): each
+    migration is applied under the engine's lock, after checking again that no other process applied it.
+    """
     names = []
     with storage.connection() as conn:
+        with conn.transaction():
+            storage.lock_migrations(conn)
+            conn.execute(_RECORD_TABLE)
         for migration in _pending(storage, conn, directory):
             statements = storage.split_statements(migration.sql)
             with conn.transaction():
+                storage.lock_migrations(conn)
+                if conn.execute("SELECT 1 FROM migrations WHERE name = ?", (migration.name,)).fetchone():
+                    continue            # another process applied it while we waited
                 for statement in statements:
                     conn.execute(statement)
                 conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)",

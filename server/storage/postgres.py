@@ -42,6 +42,8 @@ LISTENER_OPTIONS = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepal
                     "keepalives_interval": 5, "keepalives_count": 3}
 # The sweeper's advisory lock: one sweep at a time across every host (an arbitrary 64-bit constant).
 SWEEP_LOCK = 0x6F7263686573  # "orches"
+# Migrations' advisory lock: hosts and workers starting together on a new database migrate one at a time.
+MIGRATION_LOCK = 0x6D6967726174  # "migrat"
 _PLACEHOLDER = re.compile(r"\?")
 
 
@@ -172,6 +174,10 @@ class PostgresStorage(Storage):
     def split_statements(self, sql: str) -> list[str]:
         # psycopg runs a whole script without parameters in one call: no splitting needed.
         return [sql]
+
+    def lock_migrations(self, conn: Connection) -> None:
+        # Even CREATE TABLE IF NOT EXISTS fails when two sessions run it at once (a duplicate pg_type row).
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
 
     def sweep_lock(self, conn: Connection) -> bool:
         """Take the sweeper's advisory lock if no other process holds it (release with ``sweep_unlock``)."""

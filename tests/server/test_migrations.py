@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -98,3 +99,29 @@ def test_cli_migrate_refuses_newer_database_with_a_clear_line(store):
 def test_shipped_migrations_are_numbered_without_gaps(store):
     numbers = [m.number for m in available(store.migrations_dir)]
     assert numbers == list(range(1, len(numbers) + 1))
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_processes_migrating_one_new_database_at_once_apply_each_migration_once(engine, tmp_path, request):
+    # Several hosts (or gunicorn workers) starting together on a fresh database each migrate it at start.
+    url = request.getfixturevalue("pg_cluster").create_database() if engine == "postgres" else str(tmp_path / "m.db")
+    stores = [open_storage(url) for _ in range(6)]
+    start, errors, applied_by = threading.Barrier(len(stores)), [], []
+
+    def run(store) -> None:
+        start.wait()
+        try:
+            applied_by.append(migrate(store))
+        except Exception as exc:      # noqa: BLE001 - the failure is what this test reports
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for store in stores:
+        store.close()
+    assert errors == []
+    names = [m.name for m in available(stores[0].migrations_dir)]
+    assert sorted(name for applied in applied_by for name in applied) == names   # each once, by someone
