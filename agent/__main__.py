@@ -11,17 +11,18 @@ from agent.config import AgentConfig, ConfigError, load_config
 from agent.legacy import legacy_config
 from agent.ollama import OllamaBackend
 from agent.openai_backend import OpenAIBackend
+from agent.transport import build_transport
 from agent.worker import StartupError, Worker
 
 PROG = "orchestrator-agent"
 
 
 def build_worker(config: AgentConfig) -> Worker:
-    """The agent for `config`: its server client, its backend, its poll loop."""
+    """The agent for `config`: its server client and transport, its backend, its loop."""
     if config.legacy:
         config = legacy_config(config)
     client = ServerClient(config.api_base, config.agent_id, config.agent_secret, keep_alive=not config.legacy)
-    return Worker(config, client, build_backend(config))
+    return Worker(config, client, build_backend(config), build_transport(config, client, config.agent_id))
 
 
 def build_backend(config: AgentConfig) -> Backend:

@@ -23,3 +23,7 @@ class Backoff:
         # Jitter spreads the agents that all lost the server at once; keeping half the
         # delay guarantees the back-off still grows.
         return delay * random.uniform(0.5, 1.0)
+
+
+# Reaching the server (a poll, the WebSocket): 0.1 s, 0.2 s, ... up to 10 s between attempts.
+SERVER_BACKOFF = Backoff(base=0.1, cap=10.0)

@@ -56,7 +56,85 @@ class SendReply:
     next_seq: int
 
 
-class TokenBatcher:
+class JobStream:
+    """What a job's poster keeps over either transport: its tokens from the last acknowledged one on, its end.
+
+    `TokenBatcher` (HTTP) and `agent.socket_poster.SocketPoster` (WebSocket) send them; `_drop_in_flight`
+    forgets what a subclass has on the wire once the stream stops. The lock is re-entrant.
+    """
+
+    def __init__(self, job_id: str, on_cancel: Callable[[], None] | None) -> None:
+        self.job_id = job_id
+        self._on_cancel = on_cancel
+        self._cond = threading.Condition()
+        # Every token from index `_acked` on: those on the wire first, then newer ones (a dict: a structured delta).
+        self._pending: list[str | dict] = []
+        self._acked = 0
+        self._heartbeat_due = False
+        self._finish: tuple[dict | None, str | None] | None = None
+        self._done_delivered = False
+        self._closed = False
+        self._cancelled = False
+        self._failed: BaseException | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self._failed
+
+    def _stopped(self) -> bool:
+        return self._closed or self._cancelled or self._failed is not None
+
+    def _drop_in_flight(self) -> None:
+        """Forget what is on the wire (called under the lock)."""
+
+    def _ask_to_finish(self, stats: dict | None, error: str | None) -> None:
+        """Record the end (the first call's stats and error count) for the sender to send."""
+        with self._cond:
+            if self._finish is None:
+                self._finish = (stats, error)
+                self._cond.notify_all()
+
+    def _wait_finished(self, timeout: float | None) -> bool:
+        """Wait until the server holds the end, or the stream stopped; True in the first case."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._done_delivered or self._stopped(), timeout)
+            return self._done_delivered
+
+    def _mark_closed(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._pending.clear()
+            self._cond.notify_all()
+
+    def _cancel(self) -> None:
+        """The server says the job is over for us (cancelled, or no longer ours): stop the backend, send nothing."""
+        with self._cond:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            self._pending.clear()
+            self._drop_in_flight()
+            self._cond.notify_all()
+        if self._on_cancel is not None:
+            try:
+                self._on_cancel()
+            except Exception:
+                log.exception("job %s: on_cancel raised; the stream is stopped anyway", self.job_id)
+
+    def _give_up(self, exc: BaseException) -> None:
+        with self._cond:
+            if not self._stopped():
+                self._failed = exc
+            self._pending.clear()
+            self._drop_in_flight()
+            self._cond.notify_all()
+
+
+class TokenBatcher(JobStream):
     """One ordered token stream of one job, posted in batches.
 
     At most one POST is in flight; tokens that arrive meanwhile join the next one,
@@ -71,7 +149,7 @@ class TokenBatcher:
                  on_cancel: Callable[[], None] | None = None, max_items: int | None = None) -> None:
         if max_tokens < 1 or max_delay < 0:
             raise ValueError("max_tokens must be >= 1 and max_delay >= 0")
-        self.job_id = job_id
+        super().__init__(job_id, on_cancel)
         self._send = send
         self._max_tokens = max_tokens
         self._max_delay = max_delay
@@ -83,35 +161,15 @@ class TokenBatcher:
         self._adaptive = adaptive
         self._retry_deadline = retry_deadline
         self._backoff = backoff
-        self._on_cancel = on_cancel
         # A cap on items per POST whatever the mode: embedding vectors are large, and a body must stay
         # under the server's ORCH_MAX_BODY_BYTES. None (chats) keeps the cut a plain copy.
         self._max_items = max_items
-
-        self._cond = threading.Condition()
-        # Every token from index `_acked` on: the POST in flight's first, then newer ones.
-        self._pending: list[str | dict] = []
-        self._acked = 0
-        self._in_flight: ChunkBatch | None = None
+        self._in_flight: ChunkBatch | None = None   # the POST in flight, whose tokens lead `_pending`
         self._oldest_at = 0.0  # arrival of the oldest token not yet in a POST
         self._resend_due = False
-        self._heartbeat_due = False
-        self._finish: tuple[dict | None, str | None] | None = None
-        self._done_delivered = False
-        self._closed = False
-        self._cancelled = False
-        self._failed: BaseException | None = None
         self._sent_requests = 0
         self._thread = threading.Thread(target=self._run, name=f"batcher-{job_id}", daemon=True)
         self._thread.start()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    @property
-    def failed(self) -> BaseException | None:
-        return self._failed
 
     @property
     def sent_requests(self) -> int:
@@ -153,24 +211,17 @@ class TokenBatcher:
 
         A second call only waits again; its `stats` and `error` are ignored.
         """
-        with self._cond:
-            if self._finish is None:
-                self._finish = (stats, error)
-                self._cond.notify_all()
-            self._cond.wait_for(lambda: self._done_delivered or self._stopped(), timeout)
-            return self._done_delivered
+        self._ask_to_finish(stats, error)
+        return self._wait_finished(timeout)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the sender without flushing; waits up to `timeout` for a POST in flight."""
-        with self._cond:
-            self._closed = True
-            self._pending.clear()
-            self._cond.notify_all()
+        self._mark_closed()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def _stopped(self) -> bool:
-        return self._closed or self._cancelled or self._failed is not None
+    def _drop_in_flight(self) -> None:
+        self._in_flight = None
 
     def _run(self) -> None:
         try:
@@ -280,26 +331,4 @@ class TokenBatcher:
             # A 409 means done=True was refused even if every chunk is stored: send it again.
             self._done_delivered = accepted and batch.done and next_seq == batch.end_seq
             self._resend_due = next_seq < batch.end_seq or (batch.done and not self._done_delivered)
-            self._cond.notify_all()
-
-    def _cancel(self) -> None:
-        with self._cond:
-            if self._cancelled:
-                return
-            self._cancelled = True
-            self._pending.clear()
-            self._in_flight = None
-            self._cond.notify_all()
-        if self._on_cancel is not None:
-            try:
-                self._on_cancel()
-            except Exception:
-                log.exception("job %s: on_cancel raised; the stream is stopped anyway", self.job_id)
-
-    def _give_up(self, exc: BaseException) -> None:
-        with self._cond:
-            if not self._stopped():
-                self._failed = exc
-            self._pending.clear()
-            self._in_flight = None
             self._cond.notify_all()

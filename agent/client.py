@@ -29,14 +29,12 @@ import requests
 from agent.batcher import ChunkBatch, SendReply
 from agent.exceptions import (
     AgentError,
-    AgentRevoked,
-    ClockSkew,
     JobGone,
     MalformedJob,
     ProtocolError,
     SeqConflict,
-    SignatureRejected,
     TransportError,
+    rejection,
 )
 from agent.job import Job
 from protocol.signing import signed_headers
@@ -177,14 +175,7 @@ class ServerClient:
         if status in (403, 404, 410):
             return JobGone(message, status=status)
         if status == 401:
-            code = _error_field(response, "code")
-            if code == "agent_revoked":
-                return AgentRevoked(message, status=status)
-            if code == "stale_timestamp":
-                server_time = _error_field(response, "server_time")
-                offset = server_time - time.time() if isinstance(server_time, int | float) else None
-                return ClockSkew(offset)
-            return SignatureRejected(message, status=status)
+            return rejection(message, _error_field(response, "code"), _error_field(response, "server_time"))
         if status >= 500 or status == 429:
             # 503 storage_unavailable, 429 too_many_requests: the server's trouble or its pace; retry later.
             return TransportError(f"server error {status}: {message}", status=status)

@@ -85,6 +85,12 @@ def _batch_mode(value: str) -> str:
     return value.strip().lower()
 
 
+def _transport(value: str) -> str:
+    if value.strip().lower() not in ("auto", "ws", "http"):
+        raise ValueError("must be 'auto', 'ws' or 'http'")
+    return value.strip().lower()
+
+
 def _bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -138,21 +144,24 @@ SETTINGS: tuple[Setting, ...] = (
             "with or without /v1); with BACKEND=ollama it overrides OLLAMA_URL.", _url),
     Setting("BACKEND_API_KEY", "", "Bearer key for an OpenAI-compatible engine started with one "
             "(vLLM's --api-key, LM Studio).", _text),
-    Setting("POLL_INTERVAL", 0.1, "Seconds between polls while the queue is empty (short poll).",
+    Setting("TRANSPORT", "auto", "`auto` (a WebSocket when the server offers one, else the HTTP protocol), `ws` "
+            "(WebSocket only) or `http` (polls and POSTs only).", _transport),
+    Setting("POLL_INTERVAL", 0.1, "HTTP protocol: seconds between polls while the queue is empty (short poll).",
             _number(0, above=True)),
-    Setting("LONG_POLL", 0.0, "Seconds the server may hold a poll open waiting for a job; "
+    Setting("LONG_POLL", 0.0, "HTTP protocol: seconds the server may hold a poll open waiting for a job; "
             "0 = short poll.", _number(0)),
     Setting("MAX_JOBS", 1, "Jobs run at once; match Ollama's `OLLAMA_NUM_PARALLEL`.", _count),
     Setting("MODELS", (), "Comma-separated models to serve; empty = every model in Ollama's "
             "`/api/tags`, refreshed every minute.", _models),
-    Setting("BATCH_MAX_TOKENS", 5, "Tokens per POST at most (fixed mode).", _count),
-    Setting("BATCH_MAX_DELAY", 0.05, "Seconds a token may wait for others before its POST (fixed mode).",
+    Setting("BATCH_MAX_TOKENS", 5, "HTTP protocol: tokens per POST at most (fixed mode).", _count),
+    Setting("BATCH_MAX_DELAY", 0.05, "HTTP protocol: seconds a token may wait for others before its POST "
+            "(fixed mode).",
             _number(0)),
-    Setting("BATCH_MODE", "adaptive", "`fixed` (coalesce up to BATCH_MAX_TOKENS / BATCH_MAX_DELAY) or "
-            "`adaptive` (post at once when no POST is in flight).", _batch_mode),
+    Setting("BATCH_MODE", "adaptive", "HTTP protocol: `fixed` (coalesce up to BATCH_MAX_TOKENS / "
+            "BATCH_MAX_DELAY) or `adaptive` (post at once when no POST is in flight).", _batch_mode),
     Setting("SHUTDOWN_TIMEOUT", 30.0, "Seconds running jobs get to finish after SIGTERM/SIGINT.", _number(0)),
-    Setting("LEGACY", False, "Behave like the old agent (benchmark baseline): 1.5 s poll, one POST per "
-            "token, no batching, a new connection per request.", _bool),
+    Setting("LEGACY", False, "Behave like the old agent (benchmark baseline): HTTP only, 1.5 s poll, one POST "
+            "per token, no batching, a new connection per request.", _bool),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR.", _log_level),
 )
 
@@ -172,6 +181,7 @@ class AgentConfig:
     backend: str = DEFAULTS["BACKEND"]
     backend_url: str = DEFAULTS["BACKEND_URL"]
     backend_api_key: str = DEFAULTS["BACKEND_API_KEY"]
+    transport: str = DEFAULTS["TRANSPORT"]
     poll_interval: float = DEFAULTS["POLL_INTERVAL"]
     long_poll: float = DEFAULTS["LONG_POLL"]
     max_jobs: int = DEFAULTS["MAX_JOBS"]

@@ -1,6 +1,8 @@
 """What the agent's exchanges with the server can end in, as exceptions its code acts on."""
 from __future__ import annotations
 
+import time
+
 
 class AgentError(Exception):
     """Base of the agent's errors; `status` is the HTTP status when there was one."""
@@ -53,3 +55,20 @@ class MalformedJob(AgentError):
     def __init__(self, message: str, job_id: str | None = None) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+
+class UpgradeRefused(ProtocolError):
+    """The server, or a proxy on the way, answered the WebSocket upgrade with something else than 101.
+
+    `TRANSPORT=auto` then falls back to the HTTP protocol; `status` is the answer's, when there was one.
+    """
+
+
+def rejection(message: str, code: object = None, server_time: object = None, status: int = 401) -> SignatureRejected:
+    """What a 401 means, from its error code: revoked, a clock too far off (by how much), or a bad signature."""
+    if code == "agent_revoked":
+        return AgentRevoked(message, status=status)
+    if code == "stale_timestamp":
+        offset = server_time - time.time() if isinstance(server_time, int | float) else None
+        return ClockSkew(offset)
+    return SignatureRejected(message, status=status)

@@ -151,9 +151,10 @@ class JobRun:
         now, tokens = time.monotonic(), getattr(self._stream, "tokens", 0)
         first = self._first_token_at
         rate = f"{tokens / (now - first):.1f}" if first is not None and now > first else "-"
-        log.info("%s: job %s %s after %.2f s (%d tokens, %d POSTs): model %s, %s tokens/s, first token after %s",
-                 self.name, self.job.id, outcome, now - started, tokens, self._poster.sent_requests, self.job.model,
-                 rate, f"{first - started:.3f} s" if first is not None else "-")
+        log.info("%s: job %s %s after %.2f s (%d tokens, %d %s): model %s, %s tokens/s, first token after %s",
+                 self.name, self.job.id, outcome, now - started, tokens, self._poster.sent_requests,
+                 getattr(self._poster, "sent_unit", "POSTs"), self.job.model, rate,
+                 f"{first - started:.3f} s" if first is not None else "-")
 
     def _send_request(self) -> str | None:
         """Have the backend start now when its stream can (`send()`); returns the error that stopped it."""

@@ -23,8 +23,8 @@ LEGACY_POLL_INTERVAL = 1.5
 
 
 def legacy_config(config: AgentConfig) -> AgentConfig:
-    """`config` with the old agent's fixed timing: a 1.5 s short poll."""
-    return dataclasses.replace(config, poll_interval=LEGACY_POLL_INTERVAL, long_poll=0.0)
+    """`config` with the old agent's fixed timing and protocol: a 1.5 s short poll over HTTP."""
+    return dataclasses.replace(config, poll_interval=LEGACY_POLL_INTERVAL, long_poll=0.0, transport="http")
 
 
 class LegacyPoster:

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from enum import StrEnum
 
 from agent.backend import Backend, BackendError
-from agent.backoff import Backoff
-from agent.batcher import ChunkBatch, TokenBatcher
+from agent.backoff import SERVER_BACKOFF
 from agent.client import ServerClient
 from agent.config import AgentConfig
 from agent.exceptions import (
@@ -31,9 +30,10 @@ from agent.exceptions import (
     ProtocolError,
     SignatureRejected,
     TransportError,
+    UpgradeRefused,
 )
 from agent.job import Job, JobRun, Poster
-from agent.legacy import LegacyPoster
+from agent.transport import HttpTransport, Transport
 from protocol.models import EMBED, canonical_model
 from protocol.wire import POLL_PATH
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MODELS_REFRESH_SECONDS = 60.0
 # An unreachable or confused server is polled again after 0.1 s, 0.2 s, ... up to 10 s.
-DEFAULT_BACKOFF = Backoff(base=0.1, cap=10.0)
+DEFAULT_BACKOFF = SERVER_BACKOFF
 # After the shutdown deadline, the aborted jobs get this long to post their final error.
 SHUTDOWN_FINISH_GRACE = 5.0
 SHUTDOWN_REASON = "the agent shut down before the answer was complete"
@@ -52,6 +52,8 @@ REPORT_AFTER_JOB_SECONDS = 2.0
 EMBED_VECTORS_PER_POST = 8
 # Exit status once an operator removed the agent (`orchestrator agents remove`): a supervisor should not restart it.
 EXIT_REVOKED = 3
+# How long reporting a malformed job as failed may take before the worker moves on.
+REPORT_TIMEOUT = 15.0
 
 
 class StopRequested(BaseException):
@@ -96,15 +98,21 @@ class Wakeup:
 
 
 class Worker:
-    """One agent: polls the server for jobs its backend can run and streams the answers back."""
+    """One agent: asks the server for jobs its backend can run and streams the answers back.
+
+    How it reaches the server is its `transport` (`agent.transport`): the HTTP protocol over `client` unless
+    another is given.
+    """
 
     backoff = DEFAULT_BACKOFF
     models_refresh = MODELS_REFRESH_SECONDS
 
-    def __init__(self, config: AgentConfig, client: ServerClient, backend: Backend) -> None:
+    def __init__(self, config: AgentConfig, client: ServerClient, backend: Backend,
+                 transport: Transport | None = None) -> None:
         self.config = config
         self.client = client
         self.backend = backend
+        self.transport = transport if transport is not None else HttpTransport(client, config)
         self.name = config.agent_id
         self.models: list[str] = list(config.models)
         self._models_due = 0.0
@@ -180,8 +188,9 @@ class Worker:
         self._report_models()
         if not self.models:
             log.warning("%s: no models to serve: pull one (`ollama pull NAME`) or set MODELS", self.name)
-        log.info("%s: serving %s from %s for %s with %d slot(s), %s poll, %s batches", self.name,
-                 ",".join(self.models) or "nothing", self.backend.url, self.client.api_base, self.config.max_jobs,
+        log.info("%s: serving %s from %s for %s with %d slot(s), TRANSPORT=%s (HTTP: %s poll, %s batches)",
+                 self.name, ",".join(self.models) or "nothing", self.backend.url, self.transport.api_base,
+                 self.config.max_jobs, self.config.transport,
                  f"{self.config.long_poll:g} s long" if self.config.long_poll else f"{self.config.poll_interval:g} s",
                  "legacy per-token" if self.config.legacy else self.config.batch_mode)
 
@@ -227,8 +236,8 @@ class Worker:
             self._interruptible = True
             if self._stop_requested:
                 raise StopRequested
-            job = self.client.poll(self.models, self.config.max_jobs - self.running_jobs, self.config.long_poll,
-                                   None if self.config.legacy else self.backend.kinds)
+            job = self.transport.next_job(self.models, self.config.max_jobs - self.running_jobs,
+                                          None if self.config.legacy else self.backend.kinds)
         except TransportError as exc:
             return self._server_trouble(ServerState.UNREACHABLE, exc)
         except AgentRevoked as exc:
@@ -246,6 +255,11 @@ class Worker:
             self._server_ok()
             self._report_malformed(exc)
             return 0.0
+        except UpgradeRefused as exc:
+            if not self._answered:
+                raise StartupError(f"TRANSPORT={self.config.transport}: the WebSocket upgrade was refused ({exc}); "
+                                   "TRANSPORT=auto falls back to HTTP polls") from None
+            return self._server_trouble(ServerState.CONFUSED, exc)
         except (JobGone, ProtocolError) as exc:
             if not self._answered and exc.status == 404:
                 raise StartupError(f"{self.client.api_base} answered 404 to {POLL_PATH}: check API_BASE") from None
@@ -256,10 +270,7 @@ class Worker:
         if job is not None:
             self._start(job)
             return 0.0
-        # Long poll: ask again at once, unless the server answered 204 without holding the poll.
-        if self.config.long_poll and time.monotonic() - started >= self.config.poll_interval:
-            return 0.0
-        return self.config.poll_interval
+        return self.transport.idle_delay(started)
 
     def _server_ok(self) -> None:
         if self._server_state is not ServerState.OK:
@@ -280,10 +291,12 @@ class Worker:
                   f"; reporting job {exc.job_id} as failed" if exc.job_id else "")
         if exc.job_id is None:
             return
+        poster = self.transport.poster(exc.job_id, None)
         try:
-            self.client.send(ChunkBatch(exc.job_id, 0, (), done=True, error=f"the agent got a malformed job: {exc}"))
-        except AgentError as error:
-            log.warning("%s: could not report job %s as failed: %s", self.name, exc.job_id, error)
+            if not poster.finish(error=f"the agent got a malformed job: {exc}", timeout=REPORT_TIMEOUT):
+                log.warning("%s: could not report job %s as failed", self.name, exc.job_id)
+        finally:
+            poster.close(timeout=1.0)
 
     def _start(self, job: Job) -> None:
         with self._lock:
@@ -314,16 +327,10 @@ class Worker:
         return next((name for name in self.models if canonical_model(name) == wanted), model)
 
     def _make_embed_poster(self, job_id: str, on_cancel: Callable[[], None]) -> Poster:
-        return TokenBatcher(job_id, self.client.send, max_tokens=self.config.batch_max_tokens,
-                            max_delay=self.config.batch_max_delay, adaptive=True, on_cancel=on_cancel,
-                            max_items=EMBED_VECTORS_PER_POST)
+        return self.transport.poster(job_id, on_cancel, max_items=EMBED_VECTORS_PER_POST)
 
     def _make_poster(self, job_id: str, on_cancel: Callable[[], None]) -> Poster:
-        if self.config.legacy:
-            return LegacyPoster(job_id, self.client, on_cancel)
-        return TokenBatcher(job_id, self.client.send, max_tokens=self.config.batch_max_tokens,
-                            max_delay=self.config.batch_max_delay, adaptive=self.config.adaptive,
-                            on_cancel=on_cancel)
+        return self.transport.poster(job_id, on_cancel)
 
     def _job_finished(self, run: JobRun, outcome: str) -> None:
         with self._lock:
@@ -341,6 +348,7 @@ class Worker:
                       self.name, exc, EXIT_REVOKED)
         self._stop_requested = True
         self._wakeup.wake()
+        self.transport.wake()
 
     def _teardown(self) -> None:
         try:
@@ -360,7 +368,7 @@ class Worker:
                     self._wait_for_jobs(SHUTDOWN_FINISH_GRACE)
             log.info("%s: stopped", self.name)
         finally:
-            self.client.close()
+            self.transport.close()
 
     def _say_goodbye(self) -> None:
         """Tell the server we take no more jobs, unless it never accepted us (then there is no one to tell)."""

@@ -42,6 +42,8 @@ class Configuration:
             return 0.0
         if "--legacy" in self.agent_args:
             return LEGACY_POLL_INTERVAL
+        if self.agent_env.get("TRANSPORT") == "ws":
+            return 0.0                  # jobs are pushed: nothing waits for a poll
         if float(self.agent_env.get("LONG_POLL", AGENT_DEFAULTS["LONG_POLL"])) > 0:
             return 0.0
         return float(self.agent_env.get("POLL_INTERVAL", AGENT_DEFAULTS["POLL_INTERVAL"]))
@@ -49,8 +51,8 @@ class Configuration:
 
 # The design card's retrofit: 100 ms short poll, TokenBatcher 5 tokens / 50 ms, keep-alive (the agent's
 # client always reuses connections outside --legacy), the in-process condition notifier.
-RETROFIT_AGENT = {"POLL_INTERVAL": "0.1", "LONG_POLL": "0", "BATCH_MAX_TOKENS": "5", "BATCH_MAX_DELAY": "0.05",
-                  "BATCH_MODE": "fixed"}
+RETROFIT_AGENT = {"TRANSPORT": "http", "POLL_INTERVAL": "0.1", "LONG_POLL": "0", "BATCH_MAX_TOKENS": "5",
+                  "BATCH_MAX_DELAY": "0.05", "BATCH_MODE": "fixed"}
 # Long enough that an idle agent costs one request per 25 s, short enough to stay under the server's
 # ORCH_MAX_LONG_POLL (30 s) and the idle timeouts of common proxies and NATs (60 s and more).
 LONG_POLL_SECONDS = "25"
@@ -76,6 +78,8 @@ CONFIGURATIONS = {
         Configuration("adaptive", "as after+longpoll, but the agent posts each token as soon as no POST is "
                       "under way (BATCH_MODE=adaptive, its default)", {"ORCH_NOTIFIER": "condition"},
                       {**RETROFIT_AGENT, "LONG_POLL": LONG_POLL_SECONDS, "BATCH_MODE": "adaptive"}),
+        Configuration("ws", "the WebSocket transport (TRANSPORT=ws): jobs pushed the moment they are queued, "
+                      "tokens sent as frames as they come", {"ORCH_NOTIFIER": "condition"}, {"TRANSPORT": "ws"}),
     )
 }
 

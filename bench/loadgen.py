@@ -2,7 +2,9 @@
 
 Agents long-poll for jobs of the model ``load`` and post pre-built batches of
 tokens at a fixed rate (the first token alone, at once, as the real agent
-does); users start chats back to back and read their SSE streams.  Both sides
+does), or with ``--transport ws`` hold a WebSocket each, get jobs pushed and
+send the same batches as frames without waiting for acks; users start chats
+back to back and read their SSE streams.  Both sides
 share one clock, so each token's latency is exact: the moment its POST was
 sent to the moment the user read it.  `python -m bench.scaling generate ...`.
 """
@@ -20,9 +22,12 @@ from urllib.parse import urlsplit  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
+from websockets.exceptions import WebSocketException  # noqa: E402
+from websockets.sync.client import connect as ws_connect  # noqa: E402
 
+from protocol import frames  # noqa: E402
 from protocol.signing import signed_headers  # noqa: E402
-from protocol.wire import POLL_PATH, STREAM_PATH  # noqa: E402
+from protocol.wire import CONNECT_PATH, POLL_PATH, STREAM_PATH  # noqa: E402
 
 MODEL = "load"
 CHAT_SECONDS = 2.0          # each chat streams this long; users start the next one at once
@@ -70,6 +75,50 @@ def agent(url: str, agent_id: str, secret: str, books: Books, rate: float, batch
             conn.close()
             conn = connect(url)
             gevent.sleep(0.2)
+
+
+def socket_agent(url: str, agent_id: str, secret: str, books: Books, rate: float, batch: int,
+                 stop: gevent.event.Event):
+    """The same agent over its WebSocket: jobs pushed, batches sent as frames, acks read only between jobs."""
+    ws_url = url.replace("http://", "ws://") + CONNECT_PATH
+    while not stop.is_set():
+        try:
+            headers = signed_headers(agent_id, secret, "GET", CONNECT_PATH, b"", int(time.time()))
+            with ws_connect(ws_url, additional_headers=headers, open_timeout=TIMEOUT, compression=None) as ws:
+                seen = 0
+                ws.send(frames.encode(frames.ANNOUNCE, models=[MODEL], slots=1, jobs_seen=seen))
+                while not stop.is_set():
+                    frame = json.loads(ws.recv(timeout=1.0))
+                    if frame["type"] == frames.JOB:
+                        seen += 1
+                        answer_frames(ws, frame["id"], int(frame["options"]["tokens"]), books, rate, batch)
+                        ws.send(frames.encode(frames.ANNOUNCE, models=[MODEL], slots=1, jobs_seen=seen))
+                    elif frame["type"] == frames.ERROR:
+                        books.error(f"socket error frame: {frame}")
+        except TimeoutError:
+            continue
+        except (OSError, WebSocketException) as exc:
+            if stop.is_set():
+                return
+            books.error(f"socket agent: {exc!r}")
+            gevent.sleep(0.2)
+
+
+def answer_frames(ws, job_id: str, tokens: int, books: Books, rate: float, batch: int) -> None:
+    """``answer``'s schedule, each batch one ``chunks`` frame."""
+    seq, started = 0, time.monotonic()
+    ws.send(frames.chunks_frame({"id": job_id, "seq": 0, "chunks": [], "done": False}))
+    while seq < tokens:
+        size = 1 if seq == 0 else min(batch, tokens - seq)
+        due = started + seq / rate
+        if due > time.monotonic():
+            gevent.sleep(due - time.monotonic())
+        sent = time.monotonic()
+        for i in range(seq, seq + size):
+            books.sent[(job_id, i)] = sent
+        ws.send(frames.chunks_frame({"id": job_id, "seq": seq, "chunks": ["tok"] * size,
+                                     "done": seq + size >= tokens}))
+        seq += size
 
 
 def answer(conn, agent_id: str, secret: str, job_id: str, tokens: int, books: Books, rate: float, batch: int):
@@ -156,12 +205,14 @@ def main(argv: list[str]) -> int:
     add("--seconds", type=float, required=True)
     add("--rate", type=float, required=True)
     add("--batch", type=int, required=True)
+    add("--transport", choices=("http", "ws"), default="http")
     add("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     creds = json.loads(args.creds.read_text())[:args.chats]
     books, stop = Books(), gevent.event.Event()
     tokens = int(args.rate * CHAT_SECONDS)
-    agents = [gevent.spawn(agent, args.agents_url, agent_id, secret, books, args.rate, args.batch, stop)
+    play = socket_agent if args.transport == "ws" else agent
+    agents = [gevent.spawn(play, args.agents_url, agent_id, secret, books, args.rate, args.batch, stop)
               for agent_id, secret in creds]
     gevent.sleep(1.0)          # every agent parked in a long poll: the server accepts chats for the model
     started = time.monotonic()

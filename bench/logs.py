@@ -1,8 +1,9 @@
-"""The logs a run follows while it goes: the simulator's emissions and the servers' access logs."""
+"""What a run follows while it goes: the simulator's emissions, the servers' access logs, their frame counters."""
 from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 
 RECORDS_TIMEOUT = 5.0
@@ -80,3 +81,30 @@ class AccessLog:
         complete = data.rfind(b"\n") + 1
         self._offset += complete
         return data[:complete].decode(errors="replace").splitlines()
+
+
+class FrameCounter:
+    """Follows a server's count of WebSocket frames its agents sent (`/metrics`): the socket's "requests".
+
+    Read before a chat's CPU window opens and after it closes, so the scrape's own work is not counted.
+    """
+
+    METRIC = 'orchestrator_agent_socket_frames_total{direction="in",'
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/") + "/metrics"
+        self._seen = 0
+
+    def skip(self) -> None:
+        self._seen = self._total()
+
+    def agent_frames(self) -> int:
+        """Frames the agents sent since the last call."""
+        total = self._total()
+        frames, self._seen = total - self._seen, total
+        return frames
+
+    def _total(self) -> int:
+        with urllib.request.urlopen(self.url, timeout=10) as response:
+            text = response.read().decode()
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(self.METRIC)))

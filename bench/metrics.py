@@ -63,6 +63,7 @@ class Window:
     tokens: int = 0
     agent_requests: int = 0
     agent_connections: int = 0
+    agent_frames: int = 0         # WebSocket frames the agents sent (the socket's counterpart of requests)
     server_cpu_s: float = 0.0
     agent_cpu_s: float = 0.0
 
@@ -171,8 +172,9 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 SUMMARY_FIELDS = (
     "config", "network", "case", "chats", "failed", "pickup_p50_ms", "ttft_p50_ms", "ttft_p95_ms", "ttft_overhead_p50_ms",
     "ttft_overhead_p95_ms", "added_p50_ms", "added_p95_ms", "added_max_ms", "gap_avg_ms", "gap_max_ms",
-    "total_p50_ms", "stream_p50_ms", "backlog_p50_ms", "requests_per_100_tokens", "connections_per_100_tokens",
-    "server_cpu_s_per_100_tokens", "agent_cpu_s_per_100_tokens", "tokens", "lost", "duplicated",
+    "total_p50_ms", "stream_p50_ms", "backlog_p50_ms", "requests_per_100_tokens", "frames_per_100_tokens",
+    "connections_per_100_tokens", "server_cpu_s_per_100_tokens", "agent_cpu_s_per_100_tokens", "cpu_ms_per_token",
+    "tokens", "lost", "duplicated",
 )
 
 
@@ -200,7 +202,9 @@ def summarize(config: str, network: str, case: str, chats: Sequence[ChatResult],
         "stream_p50_ms": percentile([c.arrived_ms[-1] - c.arrived_ms[0] for c in measured], 50),
         "backlog_p50_ms": percentile([c.backlog_ms for c in measured if c.backlog_ms is not None], 50),
         "requests_per_100_tokens": None if direct else per_100(sum(w.agent_requests for w in windows)),
+        "frames_per_100_tokens": None if direct else per_100(sum(w.agent_frames for w in windows)),
         "connections_per_100_tokens": None if direct else per_100(sum(w.agent_connections for w in windows)),
+        "cpu_ms_per_token": None if direct else per_100(sum(w.server_cpu_s + w.agent_cpu_s for w in windows) * 10),
         "server_cpu_s_per_100_tokens": None if direct else per_100(sum(w.server_cpu_s for w in windows)),
         "agent_cpu_s_per_100_tokens": None if direct else per_100(sum(w.agent_cpu_s for w in windows)),
         "tokens": sum(c.delivered for c in chats),

@@ -26,8 +26,10 @@ LATENCY_COLUMNS = (
 )
 COST_COLUMNS = (
     ("configuration", "config"), ("network", "network"), ("case", "case"),
-    ("agent requests/100 tok", "requests_per_100_tokens"), ("connections/100 tok", "connections_per_100_tokens"),
+    ("agent requests/100 tok", "requests_per_100_tokens"), ("agent frames/100 tok", "frames_per_100_tokens"),
+    ("connections/100 tok", "connections_per_100_tokens"),
     ("server CPU s/100 tok", "server_cpu_s_per_100_tokens"), ("agent CPU s/100 tok", "agent_cpu_s_per_100_tokens"),
+    ("CPU ms/token", "cpu_ms_per_token"),
     ("tokens", "tokens"), ("lost", "lost"), ("duplicated", "duplicated"), ("failed chats", "failed"),
 )
 
@@ -55,6 +57,20 @@ def targets(rtt_ms: float, direct_total_ms: float | None) -> list[Target]:
         Target("before: a growing backlog on the WAN (backlog p50 >= 500 ms)", "before", "wan", "backlog_p50_ms",
                500, below=False),
     ]
+    # Issue 13's, for the WebSocket transport.
+    found += [
+        Target("ws: first-token overhead p50 < 5 ms", "ws", "loopback", "ttft_overhead_p50_ms", 5),
+        Target("ws: added latency per token p50 < 1 ms", "ws", "loopback", "added_p50_ms", 1),
+        Target("ws: server + agent CPU per token < 1 ms", "ws", "loopback", "cpu_ms_per_token", 1),
+        Target("ws: pickup p50 < 25 ms", "ws", "wan", "pickup_p50_ms", 25),
+        Target("ws: added latency per token p50 < 25 ms", "ws", "wan", "added_p50_ms", 25),
+        Target("ws: added latency per token p95 < 45 ms", "ws", "wan", "added_p95_ms", 45),
+    ]
+    found += [Target("ws: zero HTTP requests per token", "ws", network, "requests_per_100_tokens", 0.001)
+              for network in ("loopback", "wan")]
+    if direct_total_ms is not None:
+        found.append(Target(f"ws: no backlog: total p50 <= direct + 1 RTT + 30 ms ({direct_total_ms + rtt_ms + 30:.0f} "
+                            "ms)", "ws", "wan", "total_p50_ms", direct_total_ms + rtt_ms + 30))
     for config in ("after", "after+longpoll", "adaptive"):
         if direct_total_ms is not None:
             found.append(Target(f"no backlog: total p50 <= direct + 1 RTT + 30 ms "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.client import Trace, stream_chat, stream_ollama
 from bench.configs import Configuration, Network
-from bench.logs import AccessLog, EmissionLog
+from bench.logs import AccessLog, EmissionLog, FrameCounter
 from bench.metrics import ChatResult, Window, measure_chat
 from bench.processes import access_log_path, cpu_seconds, launch_bench_agent, launch_proxy, launch_server
 from bench.workload import Profile
@@ -58,6 +58,7 @@ class Cell:
     network: Network
     server: LiveServer | None = None
     access: AccessLog | None = None
+    frames: FrameCounter | None = None
     proxy: Process | None = None  # the emulated WAN; on loopback agents talk to the server itself
     api_base: str = ""  # where the agents send their requests
     agents: list[AgentProcess] = field(default_factory=list)
@@ -149,6 +150,7 @@ class BenchRun:
             cell.server = launch_server(self.workdir, _file_name(cell.key), cell.config.server_env, database)
             cell.database_pid = self.cluster.pid if self.cluster else None
             cell.access = AccessLog(access_log_path(self.workdir, _file_name(cell.key)))
+            cell.frames = FrameCounter(cell.server.url)
         for cell in served:
             cell.server.wait_ready()
             cell.api_base = cell.server.url
@@ -287,6 +289,7 @@ class BenchRun:
         """Start counting a chat's (or batch's) requests; returns the CPU times to subtract at the end."""
         if cell.access is not None:
             cell.access.skip()
+            cell.frames.skip()
         return cell.cpu()
 
     def _window(self, cell: Cell, case: str, started: float, ended: float,
@@ -296,7 +299,7 @@ class BenchRun:
         server_cpu, agent_cpu = cell.cpu()
         requests, connections = cell.access.agent_requests()
         return Window(cell.config.name, cell.network_name, case, started, ended, 0, requests, connections,
-                      server_cpu - cpu_before[0], agent_cpu - cpu_before[1])
+                      cell.frames.agent_frames(), server_cpu - cpu_before[0], agent_cpu - cpu_before[1])
 
     def _measure(self, cell: Cell, case: str, round_no: int, tag: str, trace: Trace) -> ChatResult:
         result = ChatResult(cell.config.name, cell.network_name, case, round_no, tag)

@@ -38,10 +38,12 @@ class Setup:
     hosts: int = 1
     route: str = "same"            # same: everyone on host 1; nginx: everyone through nginx; cross: agents on
                                    # host 2, users on host 1 (what a stream and its agent on two hosts cost)
+    transport: str = "http"        # how the fake agents talk: polls and POSTs, or a WebSocket each
 
 
 MATRIX = (
     Setup("sqlite, 1 worker"),
+    Setup("sqlite, 1 worker, ws agents", transport="ws"),
     Setup("postgres, 1 worker", "postgres"),
     Setup("postgres, 2 workers", "postgres", workers=2),
     Setup("postgres, 2 hosts via nginx", "postgres", hosts=2, route="nginx"),
@@ -133,7 +135,8 @@ def run_level(stack: Stack, creds_file: Path, chats: int, args: argparse.Namespa
     generator = Process(f"generator {chats}", [
         sys.executable, "-m", "bench.scaling", "generate", "--agents-url", agents_url, "--users-url", users_url,
         "--creds", str(creds_file), "--chats", str(chats), "--seconds", str(args.level_seconds),
-        "--rate", str(args.rate), "--batch", str(args.batch), "--out", str(out)],
+        "--rate", str(args.rate), "--batch", str(args.batch), "--out", str(out),
+        "--transport", stack.setup.transport],
         stack.workdir / f"generator-{chats}.log")
     server_before, database_before = stack.cpu()
     generator.start()
@@ -151,8 +154,9 @@ def run_level(stack: Stack, creds_file: Path, chats: int, args: argparse.Namespa
 def run_setup(setup: Setup, args: argparse.Namespace, workdir: Path) -> list[dict]:
     directory = workdir / setup.name.replace(" ", "-").replace(",", "")
     directory.mkdir(parents=True)
-    stack = Stack(setup, directory).start()
+    stack = Stack(setup, directory)
     try:
+        stack.start()           # inside the try: hosts already launched are stopped if another fails to start
         creds = register_agents(stack.database, [f"load-{i:04d}" for i in range(max(args.levels))])
         creds_file = directory / "agents.json"
         creds_file.write_text(json.dumps([[c.id, c.secret] for c in creds]))
@@ -181,12 +185,12 @@ def markdown(results: dict[str, list[dict]]) -> str:
 
 def selected(args: argparse.Namespace) -> list[Setup]:
     """The whole matrix, or the one setup the flags describe."""
-    if args.engine is None and args.workers is None and args.hosts is None:
+    if args.engine is None and args.workers is None and args.hosts is None and args.transport is None:
         return list(MATRIX)
     engine, workers, hosts = args.engine or "sqlite", args.workers or 1, args.hosts or 1
-    route = "same" if hosts == 1 else args.route
-    return [Setup(f"{engine}, {workers} worker(s), {hosts} host(s){'' if hosts == 1 else ', ' + route}",
-                  engine, workers, hosts, route)]
+    route, transport = "same" if hosts == 1 else args.route, args.transport or "http"
+    return [Setup(f"{engine}, {workers} worker(s), {hosts} host(s){'' if hosts == 1 else ', ' + route}"
+                  f"{', ws agents' if transport == 'ws' else ''}", engine, workers, hosts, route, transport)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -194,6 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--engine", choices=("sqlite", "postgres"), help="run one setup on this engine (default: the whole matrix)")
     add("--workers", type=int, help="gunicorn workers per host (PostgreSQL, or 1 on SQLite)")
     add("--hosts", type=int, help="servers on the one database (PostgreSQL)")
+    add("--transport", choices=("http", "ws"), help="the fake agents' transport in a one-setup run (default: http)")
     add("--route", choices=("nginx", "cross"), default="nginx",
         help="with several hosts: everyone through nginx, or agents on one host and users on another")
     add("--levels", type=lambda v: [int(x) for x in v.split(",")], default=list(DEFAULT_LEVELS),

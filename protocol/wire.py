@@ -12,3 +12,5 @@ LEAVE_PATH = "/api/v1/inference/leave"
 # Chunks in one POST: every server accepts at least this many (ORCH_MAX_CHUNKS_PER_POST), and the
 # reference agent never sends more in one batch.
 MAX_CHUNKS_PER_POST = 1000
+# GET upgrading to a WebSocket: one long-lived connection per agent (protocol/frames.py has its frames).
+CONNECT_PATH = "/api/v1/agents/connect"

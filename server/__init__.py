@@ -8,6 +8,7 @@ from typing import Any
 from flask import Flask
 
 from . import (
+    agent_socket,
     chat,
     errors,
     inference,
@@ -72,5 +73,5 @@ def _seal_agent_keys(store: storage.Storage, secret_key: str) -> None:
 
 
 def _register_blueprints(app: Flask) -> None:
-    for module in (inference, chat, openai_api, ollama_api, ollama_models, operators, metrics, pages):
+    for module in (inference, agent_socket, chat, openai_api, ollama_api, ollama_models, operators, metrics, pages):
         app.register_blueprint(module.bp)

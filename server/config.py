@@ -60,7 +60,8 @@ SETTINGS: tuple[Setting, ...] = (
             "nginx: deploy/nginx.conf sets it); off = the socket's peer address.", _bool),
     Setting("BODY_TIMEOUT", 10.0, "Seconds a client has to send a whole request body; slower ones get 408 and are "
             "disconnected.", float),
-    Setting("MAX_BODY_BYTES", 1024 * 1024, "Largest accepted request body; larger ones get 413.", int),
+    Setting("MAX_BODY_BYTES", 1024 * 1024, "Largest accepted request body (413) or agent WebSocket frame (the "
+            "socket is closed).", int),
     Setting("MAX_CHUNKS_PER_POST", MAX_CHUNKS_PER_POST, "Chunks in one agent POST; more get 413 `too_many_chunks` "
             f"(agents send at most {MAX_CHUNKS_PER_POST}: keep it at least that).", int),
     Setting("ADMIN_TOKEN", "", "Bearer token for admin endpoints (`/api/v1/agents`, status); empty = open.", str),
@@ -76,6 +77,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DELIVERY_LEASE_SECONDS", 5.0, "How long a handed-out job waits for its agent's first POST before it is requeued.", float),
     Setting("MAX_ATTEMPTS", 3, "Times a job may be handed out before it fails.", int),
     Setting("MAX_LONG_POLL", 30.0, "Upper bound on the `wait` parameter of a long poll, in seconds.", float),
+    Setting("WS_PING_INTERVAL", 20.0, "Seconds between pings on an agent's WebSocket: keeps NAT mappings alive "
+            "and finds dead peers.", float),
+    Setting("WS_PING_TIMEOUT", 20.0, "An agent WebSocket whose pong has not come this many seconds after a ping is "
+            "closed as dead.", float),
     Setting("AGENT_ONLINE_SECONDS", 60.0, "An agent that polled or posted within this window counts as online.", float),
     Setting("QUEUE_TIMEOUT", 120.0, "A chat no agent took within this many seconds fails with `queue_timeout`.", float),
     Setting("KEEPALIVE_SECONDS", 15.0, "Interval of `: keepalive` comments on an idle stream.", float),

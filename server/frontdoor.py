@@ -115,7 +115,12 @@ def start(model: str, messages: list[dict[str, Any]], options: dict[str, Any], f
           request_fields: dict[str, Any] | None = None) -> str:
     """``start_chat`` for the current request, once it has a stream slot (429 ``too_many_streams`` otherwise)."""
     limits.admit()
-    return start_chat(get_db(), current_app.config, model, messages, options, front_door, request_fields)
+    job_id = start_chat(get_db(), current_app.config, model, messages, options, front_door, request_fields)
+    # The job's wake-up went out with the INSERT: under gevent, the parked poll or agent socket it woke
+    # claims and sends the job only when this greenlet yields; yield now, before the response is built,
+    # so the job reaches its agent first (make bench, ws on loopback: pickup p50 ~6 -> ~4 ms).
+    time.sleep(0)
+    return job_id
 
 
 def start_embed(model: str, inputs: list[str], options: dict[str, Any], front_door: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,14 +18,14 @@ from werkzeug.datastructures import MultiDict
 
 from protocol import deltas
 from protocol.deltas import STATS_FIELDS, Delta
-from protocol.models import KINDS, LEGACY_KINDS, canonical_model
+from protocol.models import KINDS, LEGACY_KINDS
 from protocol.wire import LEAVE_PATH, MAX_CHUNKS_PER_POST, MODELS_PATH, POLL_PATH, STREAM_PATH
 
 from . import body, reports
 from .auth import agent_required
 from .errors import BadRequest, PayloadTooLarge
-from .notifier import ANY_MODEL_KEY, queue_key
-from .storage import agents, chunks, close_db, get_db, get_storage, jobs
+from .notifier import queue_keys
+from .storage import Connection, agents, chunks, close_db, get_db, get_storage, jobs
 
 bp = Blueprint("inference", __name__)
 
@@ -84,11 +85,7 @@ def poll_params(args: MultiDict, max_wait: float) -> PollParams:
     """The poll's query parameters, or BadRequest."""
     models = None
     if "models" in args:
-        models = list(dict.fromkeys(m.strip() for raw in args.getlist("models") for m in raw.split(",")
-                                    if m.strip()))
-        if len(models) > MAX_MODELS or not all(map(body.is_model_name, models)):
-            raise BadRequest(f"'models' takes at most {MAX_MODELS} names of at most {body.MAX_MODEL_NAME} "
-                             "characters without control characters or line breaks", code="invalid_query")
+        models = checked_models([m for raw in args.getlist("models") for m in raw.split(",")], "invalid_query")
     slots = _query_number(args, "slots", 1, int)
     if not 0 <= slots <= MAX_SLOTS:
         raise BadRequest(f"'slots' must be between 0 and {MAX_SLOTS}", code="invalid_query")
@@ -101,6 +98,15 @@ def poll_params(args: MultiDict, max_wait: float) -> PollParams:
         if not set(kinds) <= set(KINDS):
             raise BadRequest(f"'kinds' takes names from {', '.join(KINDS)}", code="invalid_query")
     return PollParams(models, slots, min(wait, max_wait), kinds)
+
+
+def checked_models(names: list[str], code: str) -> list[str]:
+    """An agent's declared models, stripped and deduplicated in order; BadRequest (with ``code``) past the limits."""
+    models = list(dict.fromkeys(m.strip() for m in names if m.strip()))
+    if len(models) > MAX_MODELS or not all(map(body.is_model_name, models)):
+        raise BadRequest(f"'models' takes at most {MAX_MODELS} names of at most {body.MAX_MODEL_NAME} "
+                         "characters without control characters or line breaks", code=code)
+    return models
 
 
 def _query_number(args: MultiDict, name: str, default, parse):
@@ -120,17 +126,30 @@ def _claim(app: Flask, agent_id: str, params: PollParams,
 
     Raises AgentLeft if the agent said goodbye after the poll ``started``.
     """
-    cfg, conn, now = app.config, get_db(), time.time()
-    # An empty list is not remembered: stored, it would read as "never declared", which serves any model.
-    declared = params.models or None
     try:
-        with conn.transaction():
-            models = agents.touch(conn, agent_id, now, declared, params.slots, params.kinds, poll_started=started)
-            job = jobs.claim_job(conn, agent_id, models, now, cfg["DELIVERY_LEASE_SECONDS"],
-                                 cfg["LEASE_SECONDS"], params.runs) if params.takes_jobs else None
+        return take_job(get_db(), app.config, agent_id, params.models, params.slots, params.takes_jobs, time.time(),
+                        kinds=params.kinds, started=started)
     finally:
         # A long poll parks next: it must not hold a connection while it waits.
         close_db()
+
+
+def take_job(conn: Connection, cfg: Mapping[str, Any], agent_id: str, models: list[str] | None, slots: int,
+             takes_jobs: bool, now: float, *, kinds: list[str] | None = None,
+             started: float | None = None) -> tuple[jobs.Job | None, list[str] | None]:
+    """Record the agent's presence, models, job kinds and free slots, and claim one job if it ``takes_jobs``,
+    in one transaction (a poll, or an agent socket's push); returns the job and the agent's models (None: any).
+
+    ``kinds`` None: an older agent (plain chats only).  Raises AgentLeft if the agent said goodbye after
+    ``started`` (a long poll parked from before it).
+    """
+    # An empty list is not remembered: stored, it would read as "never declared", which serves any model.
+    declared = models or None
+    runs = LEGACY_KINDS if kinds is None else tuple(kinds)
+    with conn.transaction():
+        models = agents.touch(conn, agent_id, now, declared, slots, kinds, poll_started=started)
+        job = jobs.claim_job(conn, agent_id, models, now, cfg["DELIVERY_LEASE_SECONDS"],
+                             cfg["LEASE_SECONDS"], runs) if takes_jobs else None
     return job, models
 
 
@@ -143,7 +162,7 @@ def _wait_for_job(app: Flask, agent_id: str, models: list[str] | None, params: P
     """
     notifier = get_storage(app).notifier
     # Jobs are queued under Ollama's full name (`m:latest`); the agent may have declared either spelling.
-    keys = list({queue_key(n) for m in models for n in (m, canonical_model(m))}) if models else [ANY_MODEL_KEY]
+    keys = queue_keys(models)
     poll_every = app.config["POLL_INTERVAL"] if app.config["NOTIFIER"] == "poll" else None
     deadline = time.monotonic() + params.wait
     while not notifier.closed:
@@ -181,8 +200,7 @@ def leave():
 def stream():
     post = chunk_post(body.json_object(), current_app.config["MAX_CHUNKS_PER_POST"])
     # The stream following the job is woken as the transaction commits.
-    result = chunks.append_chunks(get_db(), g.agent_id, post.id, post.seq, post.chunks, post.done, time.time(),
-                                  current_app.config["LEASE_SECONDS"], post.stats, post.error)
+    result = store_post(get_db(), g.agent_id, post, time.time(), current_app.config["LEASE_SECONDS"])
     if result.changed:
         # Under gevent the woken stream only runs when this greenlet yields,
         # which would be after the reply is written; yield now so the token
@@ -191,6 +209,12 @@ def stream():
         time.sleep(0)
     g.chunks_stored = (post.id, result.stored)   # for the metrics hook: no second parse of the body
     return jsonify(ok=True, cancelled=result.cancelled, next_seq=result.next_seq)
+
+
+def store_post(conn: Connection, agent_id: str, post: ChunkPost, now: float, lease_seconds: float) -> chunks.Appended:
+    """Store one checked batch (a POST or a socket's chunks frame): seq-idempotent, one transaction."""
+    return chunks.append_chunks(conn, agent_id, post.id, post.seq, post.chunks, post.done, now, lease_seconds,
+                                post.stats, post.error)
 
 
 def chunk_post(payload: dict[str, Any], max_chunks: int = MAX_CHUNKS_PER_POST) -> ChunkPost:

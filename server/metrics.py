@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .auth import admin_required
@@ -60,6 +60,11 @@ class Metrics:
         self.first_token = Histogram("orchestrator_time_to_first_token_seconds",
                                      "From a request's creation to its first token stored.",
                                      buckets=FIRST_TOKEN_BUCKETS, registry=registry)
+        self.socket_frames = Counter("orchestrator_agent_socket_frames",
+                                     "WebSocket frames on agent sockets, by direction (in, out) and frame type.",
+                                     ["direction", "type"], registry=registry)
+        self.agent_sockets = Gauge("orchestrator_agent_sockets", "Agent WebSockets open in this worker.",
+                                   registry=registry)
         self.delivery = Histogram("orchestrator_token_delivery_seconds",
                                   "From a chunk stored to its write to a client's stream.",
                                   buckets=DELIVERY_BUCKETS, registry=registry)

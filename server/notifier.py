@@ -1,7 +1,8 @@
 """In-process wake-ups: a version counter per key and a condition per waiter.
 
 Keys name what changed (``job_key``: a job got chunks or a new state;
-``queue_key``: a job of that model entered the queue); they are built only by
+``queue_key``: a job of that model entered the queue; ``cancel_key``: a running
+job's user asked to cancel it); they are built only by
 the helpers below.  A waiter
 reads ``version(key)``, checks the database, then ``wait_for(key, version)``:
 a notify that lands between the read and the wait bumps the version, so the
@@ -18,6 +19,8 @@ import threading
 import time
 from collections.abc import Iterable
 
+from protocol.models import canonical_model
+
 # Keys nobody waited on or notified for this long are dropped by ``prune``.
 IDLE_KEY_SECONDS = 120.0
 # What every long poll of an agent that declared no models waits on.
@@ -29,9 +32,26 @@ def job_key(job_id: str) -> str:
     return "job:" + job_id
 
 
+def cancel_key(job_id: str) -> str:
+    """The key an agent socket holding the job waits on: its user asked to cancel it.
+
+    Apart from ``job_key``, which moves with every stored chunk: a socket waiting
+    on that would wake, and read the job, once per token.
+    """
+    return "cancel:" + job_id
+
+
 def queue_key(model: str) -> str:
     """The key long polls for ``model`` wait on: a job of that model was queued or requeued."""
     return "queue:" + model
+
+
+def queue_keys(models: list[str] | None) -> list[str]:
+    """What an agent serving ``models`` waits on (any model's queue for None): each name and its canonical
+    form, since jobs are queued under the canonical name (``m`` is ``m:latest``)."""
+    if not models:
+        return [ANY_MODEL_KEY]
+    return list(dict.fromkeys(queue_key(n) for m in models for n in (m, canonical_model(m))))
 
 
 class _Waiter:

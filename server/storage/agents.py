@@ -212,6 +212,12 @@ def _described(row: tuple, now: float, window: float) -> dict[str, Any]:
     return agent | {"state": state.value, "online": state is AgentState.ONLINE}
 
 
+def is_removed(conn: Connection, agent_id: str) -> bool:
+    """Whether an operator removed the agent (an open WebSocket's agent, signed before that)."""
+    row = conn.execute("SELECT removed_at FROM agents WHERE id = ?", (agent_id,)).fetchone()
+    return row is not None and row[0] is not None
+
+
 def name_of(conn: Connection, agent_id: str) -> str | None:
     """The agent's name (removed agents too), or None if unknown."""
     row = conn.execute("SELECT name FROM agents WHERE id = ?", (agent_id,)).fetchone()

@@ -9,7 +9,7 @@ from typing import Any
 
 from protocol.deltas import Delta
 
-from ..errors import Conflict, Forbidden, Gone, NotFound
+from ..errors import Conflict, Forbidden, Gone, NotFound, Unauthorized
 from ..notifier import job_key
 from .base import Connection
 from .jobs import FINAL, Status
@@ -49,8 +49,8 @@ def append_chunks(conn: Connection, agent_id: str, job_id: str, seq: int | None,
 
     A chunk is plain text or a Delta (thinking, tool calls, an embedding: kept as JSON
     beside its text).  ``seq=None`` appends (legacy agents).  Raises NotFound (unknown id),
-    Forbidden (another agent's job), Gone (this agent no longer holds it) or
-    Conflict with ``expected_seq`` (a gap); then nothing is written.
+    Forbidden (another agent's job), Gone (this agent no longer holds it), Conflict with
+    ``expected_seq`` (a gap) or Unauthorized (the agent was removed); then nothing is written.
     """
     with conn.transaction():
         row = conn.execute(
@@ -62,9 +62,13 @@ def append_chunks(conn: Connection, agent_id: str, job_id: str, seq: int | None,
         _check_holder(held, agent_id)
         result = _store_post(conn, held, seq, chunks, done, now, lease_seconds, stats, error)
         completed = result.finished and done and not error and not result.cancelled
-        # The agent's presence rides in this transaction: no second write per POST.
-        conn.execute("UPDATE agents SET last_seen = ?, tokens_streamed = tokens_streamed + ?,"
-                     " jobs_done = jobs_done + ? WHERE id = ?", (now, result.stored, int(completed), agent_id))
+        # The agent's presence rides in this transaction: no second write per POST. An agent removed since it
+        # signed (an open WebSocket's) stores nothing more: the rollback takes the chunks back.
+        updated = conn.execute("UPDATE agents SET last_seen = ?, tokens_streamed = tokens_streamed + ?,"
+                               " jobs_done = jobs_done + ? WHERE id = ? AND removed_at IS NULL",
+                               (now, result.stored, int(completed), agent_id))
+        if updated.rowcount == 0:
+            raise Unauthorized("this agent was removed", code="bad_signature")
         if result.changed:
             conn.notify(job_key(job_id))
     return result

@@ -14,7 +14,7 @@ from typing import Any
 
 from protocol.models import CHAT, canonical_model
 
-from ..notifier import ANY_MODEL_KEY, job_key, queue_key
+from ..notifier import ANY_MODEL_KEY, cancel_key, job_key, queue_key
 from .base import Connection
 
 
@@ -30,6 +30,7 @@ class Status(StrEnum):
 ACTIVE = (Status.DELIVERED.value, Status.RUNNING.value)
 FINAL = (Status.DONE.value, Status.FAILED.value, Status.CANCELLED.value)
 FINAL_SQL = ", ".join(f"'{s}'" for s in FINAL)
+ACTIVE_SQL = ", ".join(f"'{s}'" for s in ACTIVE)
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,19 @@ def cancel_job(conn: Connection, job_id: str, now: float) -> str | None:
         else:
             conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
             status = row[0]
+            conn.notify(cancel_key(job_id))     # an agent socket holding it pushes the cancel at once
         conn.notify(job_key(job_id))
         return status
+
+
+def close_cancelled(conn: Connection, job_id: str, now: float) -> bool:
+    """End a handed-out job whose user asked to cancel it, as its agent is told to stop; False if it was not so."""
+    cursor = conn.execute(
+        "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_expires = NULL"
+        f" WHERE id = ? AND cancel_requested = 1 AND status IN ({ACTIVE_SQL})", (now, job_id))
+    if cursor.rowcount:
+        conn.notify(job_key(job_id))
+    return cursor.rowcount > 0
 
 
 def set_client_left(conn: Connection, job_id: str, left_at: float | None) -> None:

@@ -20,7 +20,7 @@ def test_defaults_follow_the_issue():
     assert (config.api_base, config.ollama_url) == ("http://127.0.0.1:8000", "http://127.0.0.1:11434")
     assert (config.poll_interval, config.long_poll, config.max_jobs, config.models) == (0.1, 0.0, 1, ())
     assert (config.batch_max_tokens, config.batch_max_delay, config.batch_mode) == (5, 0.05, "adaptive")
-    assert (config.shutdown_timeout, config.legacy) == (30.0, False)
+    assert (config.shutdown_timeout, config.legacy, config.transport) == (30.0, False, "auto")
 
 
 def test_the_readmes_agent_table_is_the_one_the_settings_table_prints():
@@ -85,6 +85,7 @@ def test_ollama_url_wins_over_ollama_host():
     ([], {**CREDS, "API_BASE": "localhost:8000"}, "API_BASE='localhost:8000' is not an http:// or https:// URL"),
     ([], {**CREDS, "OLLAMA_HOST": "box:port"}, "OLLAMA_HOST='box:port' has an invalid port"),
     ([], {**CREDS, "LEGACY": "maybe"}, "LEGACY='maybe' is not a boolean"),
+    ([], {**CREDS, "TRANSPORT": "grpc"}, "TRANSPORT='grpc' must be 'auto', 'ws' or 'http'"),
     (["--frobnicate"], CREDS, "unrecognized arguments: --frobnicate"),
 ])
 def test_a_bad_setting_is_one_line_naming_it(argv, env, message):

@@ -154,9 +154,9 @@ def test_a_table_edited_away_from_the_code_fails(before, after, problem):
 
 
 @pytest.mark.parametrize(("before", "after", "name"), [
-    ("- `BATCH_MODE=adaptive` (agent)", "- `BATCH_MODE=fixed` (agent)", "BATCH_MODE"),
+    ("- `BATCH_MODE=adaptive` (agent, HTTP)", "- `BATCH_MODE=fixed` (agent, HTTP)", "BATCH_MODE"),
     ("- `POLL_INTERVAL=0.1` s", "- `POLL_INTERVAL=0.2` s", "POLL_INTERVAL"),
-    ("`LONG_POLL` (agent, default 0,", "`LONG_POLL` (agent, default 25,", "LONG_POLL"),
+    ("`LONG_POLL` (agent, HTTP, default 0,", "`LONG_POLL` (agent, HTTP, default 25,", "LONG_POLL"),
     ("`ORCH_WORKER_CONNECTIONS`, 10,000 by default", "`ORCH_WORKER_CONNECTIONS`, 1,000 by default",
      "ORCH_WORKER_CONNECTIONS"),
 ])

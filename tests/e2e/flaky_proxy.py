@@ -11,6 +11,7 @@ timing out or a crashing middlebox sends; the server's side is closed.
         ...  # point the agent at proxy.url
     proxy.resets  # what was cut, and where
     proxy.refuse("POST /api/v1/inference/stream ")  # reset every such request until refuse(None)
+    proxy.refuse_upgrades(403)  # answer every WebSocket upgrade with a 403, as a proxy without WebSockets does
 
 It runs an asyncio loop on a thread of the test process; HTTP/1.1 without
 pipelining is assumed (a client sends its next request after the reply).
@@ -48,6 +49,8 @@ class FlakyProxy:
         self.reset_rate = reset_rate
         self._random = random.Random(seed)
         self._refused: str | None = None
+        self._upgrade_answer: int | None = None
+        self.refused_upgrades = 0
         self.exchanges = 0
         self.resets: list[Reset] = []
         self.port = 0
@@ -90,6 +93,10 @@ class FlakyProxy:
         ``None`` ends it.  Each refused request is recorded in ``resets`` like a random one.
         """
         self._refused = request_prefix
+
+    def refuse_upgrades(self, status: int | None) -> None:
+        """Answer every WebSocket upgrade request with ``status`` itself (None: relay them again)."""
+        self._upgrade_answer = status
 
     def _draw(self, request_line: str) -> Fate:
         """One exchange's fate (called on the loop's thread only, so the sequence follows the seed)."""
@@ -153,6 +160,10 @@ class _ClientSide(asyncio.Protocol):
             return
         if self.fate is None:
             self.request_line = data.split(b"\r\n", 1)[0].decode("latin-1")
+            status = self.proxy._upgrade_answer
+            if status is not None and b"\r\nupgrade: websocket" in data.lower():
+                self._answer(status)
+                return
             self.fate = self.proxy._draw(self.request_line)
         if self.fate is Fate.BEFORE_REQUEST:
             self._cut()
@@ -169,6 +180,14 @@ class _ClientSide(asyncio.Protocol):
             return
         self.fate = None        # the reply has begun: the client's next bytes are a new request
         self.client.write(data)
+
+    def _answer(self, status: int) -> None:
+        """Answer the request here, as a proxy that will not upgrade does, and close."""
+        self.proxy.refused_upgrades += 1
+        body = b"WebSocket upgrades are not allowed through this proxy\n"
+        self.client.write(f"HTTP/1.1 {status} Refused\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}"
+                          f"\r\nConnection: close\r\n\r\n".encode() + body)
+        self._close()
 
     def _cut(self) -> None:
         self.proxy.resets.append(Reset(self.fate, self.request_line))

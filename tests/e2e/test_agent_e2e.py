@@ -95,7 +95,7 @@ def test_the_legacy_profile_posts_each_token_alone_and_streams_the_same_text(sta
 
 def test_a_second_signal_stops_the_agent_at_once(stack, start_agent):
     server, sim, _ = stack
-    agent = start_agent(server, sim.url, "cold", MODELS="other", LONG_POLL=30)
+    agent = start_agent(server, sim.url, "cold", MODELS="other", LONG_POLL=30, TRANSPORT="http")
     with start_chat(server, "never finished", "other", sim_tokens=5000, sim_interval_ms=20) as response:
         assert EventStream(response).read(stop_after=1).ids == [0]  # delivered through a long poll
         agent.proc.send_signal(signal.SIGTERM)
@@ -108,7 +108,7 @@ def test_a_second_signal_stops_the_agent_at_once(stack, start_agent):
 def test_two_agents_with_two_slots_serve_ten_concurrent_chats_then_stop_from_a_long_poll(stack, start_agent):
     server, sim, _ = stack
     start_agent(server, sim.url, "one", MODELS="other", MAX_JOBS=2, BATCH_MODE="adaptive")
-    two = start_agent(server, sim.url, "two", MODELS="other", MAX_JOBS=2, LONG_POLL=30)
+    two = start_agent(server, sim.url, "two", MODELS="other", MAX_JOBS=2, LONG_POLL=30, TRANSPORT="http")
     answers: dict[int, Answer] = {}
     threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, chat(server, f"question {i}", "other",
                                                                                 sim_interval_ms=10)))
@@ -143,7 +143,7 @@ def test_sigterm_lets_the_running_job_finish_then_the_agent_exits_0(stack, start
 # --- a case that needs processes of its own -------------------------------------
 
 def test_a_server_outage_mid_stream_loses_and_duplicates_nothing(live_server, simulator, start_agent):
-    agent = start_agent(live_server, simulator.url)
+    agent = start_agent(live_server, simulator.url, TRANSPORT="http")     # the WebSocket's: test_faults.py
     tokens = 100
     with start_chat(live_server, "survive this", sim_tokens=tokens, sim_interval_ms=20) as response:
         answer = EventStream(response).read(stop_after=5)

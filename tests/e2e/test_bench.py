@@ -8,8 +8,10 @@ import http.client
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+from websockets.sync.client import connect
 
 from bench.client import Token, Trace, stream_ollama
 from bench.configs import CONFIGURATIONS, networks, variant
@@ -20,6 +22,9 @@ from bench.report import COST_COLUMNS, LATENCY_COLUMNS
 from bench.runner import BenchRun, RunOptions
 from bench.workload import PROFILES
 from devtools.processes import ROOT
+from protocol import frames
+from protocol.signing import signed_headers
+from protocol.wire import CONNECT_PATH
 from sim.tokens import expected_text
 
 QUICK_RUN = ["--profile", "quick", "--network", "loopback", "--requests", "2", "--concurrent", "4x2"]
@@ -130,8 +135,24 @@ def test_the_delay_proxy_relays_kept_alive_requests_and_streams_intact(tmp_path,
         proxy.stop()
 
 
+def test_the_delay_proxy_relays_an_upgraded_agent_socket(tmp_path, live_server):
+    """The WAN cells' agents hold a WebSocket through the proxy: the upgrade and the frames both ways pass."""
+    proxy = launch_proxy(tmp_path, "ws", live_server.url, rtt_ms=10)
+    creds = live_server.add_agent("far")
+    try:
+        url = proxy.read_listening_url().replace("http://", "ws://") + CONNECT_PATH
+        headers = signed_headers(creds.id, creds.secret, "GET", CONNECT_PATH, b"", int(time.time()))
+        with connect(url, additional_headers=headers, open_timeout=10) as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == frames.WELCOME
+            ws.send("not json")
+            assert json.loads(ws.recv(timeout=10))["code"] == "invalid_frame"
+    finally:
+        proxy.stop()
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("setup", [["--engine", "sqlite"], ["--engine", "postgres", "--hosts", "2", "--route", "cross"]])
+@pytest.mark.parametrize("setup", [["--engine", "sqlite"], ["--transport", "ws"],
+                                   ["--engine", "postgres", "--hosts", "2", "--route", "cross"]])
 def test_the_scaling_benchmark_runs_a_level_and_loses_nothing(tmp_path, setup, request):
     """`make bench-load`'s scaling table, one small level: servers, the load generator, its figures."""
     if "postgres" in setup:
@@ -152,7 +173,7 @@ def test_the_scaling_benchmark_runs_a_level_and_loses_nothing(tmp_path, setup, r
 
 def test_the_poll_cycle_each_configuration_waits_out_on_average_half_of():
     cycles = {name: config.poll_cycle for name, config in CONFIGURATIONS.items()}
-    assert cycles == {"direct": 0.0, "before": 1.5, "after": 0.1, "after+longpoll": 0.0, "adaptive": 0.0}
+    assert cycles == {"direct": 0.0, "before": 1.5, "after": 0.1, "after+longpoll": 0.0, "adaptive": 0.0, "ws": 0.0}
     assert variant("slow=after:POLL_INTERVAL=0.5").poll_cycle == 0.5
     assert variant("held=after:LONG_POLL=10").poll_cycle == 0.0
 

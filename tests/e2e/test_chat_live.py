@@ -1,7 +1,7 @@
 """The native SSE API through a real gunicorn gevent server, with real SSE clients and a signed agent.
 
 Servers are shared by the module; each test uses a model of its own, so its
-jobs go to its own agent.  ``server`` has the defaults but a 1 s cancel grace,
+jobs go to its own agent.  ``server`` has the defaults but a 3 s cancel grace (room for a resume on a busy machine),
 ``legacy`` polls the database (``NOTIFIER=poll``), ``impatient`` cancels at once
 and has a short queue timeout, lease and keepalive for the failure paths.
 """
@@ -43,7 +43,7 @@ def live_server_on(tmp_path_factory, module_engine, new_database):
 
 @pytest.fixture(scope="module")
 def server(live_server_on):
-    return live_server_on("server", ORCH_CANCEL_GRACE=1)
+    return live_server_on("server", ORCH_CANCEL_GRACE=3)
 
 
 @pytest.fixture(scope="module")

@@ -126,9 +126,14 @@ def two_model_simulator(tmp_path):
     sim.stop()
 
 
+# What an agent's log says once it has noticed the server is gone, by transport.
+OUTAGE_NOTICED = {"http": " failed (", "ws": "WebSocket closed"}
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
 def test_server_killed_mid_answer_and_restarted_on_its_database_loses_duplicates_and_forgets_nothing(
-        live_server, two_model_simulator, start_agent):
-    agent = start_agent(live_server, two_model_simulator.url, MODELS="sim")
+        live_server, two_model_simulator, start_agent, transport):
+    agent = start_agent(live_server, two_model_simulator.url, MODELS="sim", TRANSPORT=transport)
     stand_in_agent(live_server, "other")
     waiting = [start_chat(live_server, f"queued {i}", "other") for i in range(3)]
     queued = [r.headers["X-Request-Id"] for r in waiting]
@@ -140,7 +145,7 @@ def test_server_killed_mid_answer_and_restarted_on_its_database_loses_duplicates
         waiter.close()
     request_id = before.request_id
     assert rows(live_server, "SELECT next_seq FROM jobs WHERE id = ?", request_id)[0][0] < tokens
-    wait_until(lambda: " failed (" in agent.log(), 15, message="the agent's POST failing against the dead server")
+    wait_until(lambda: OUTAGE_NOTICED[transport] in agent.log(), 15, message="the agent noticing the dead server")
     live_server.start()
 
     # Resuming from the last chunk seen brings exactly the missing ones, then [DONE].
@@ -157,6 +162,8 @@ def test_server_killed_mid_answer_and_restarted_on_its_database_loses_duplicates
     assert rows(live_server, "SELECT count(*), max(seq) FROM chunks WHERE job_id = ?", request_id) == [
         (tokens, tokens - 1)]
     assert rows(live_server, "SELECT attempts FROM jobs WHERE id = ?", request_id) == [(1,)]
+    if transport == "ws":   # it reconnected and went on from the server's next_seq, on the same job
+        assert "resending 1 job(s) from their last acknowledged token" in agent.log(), agent.log_path
 
     # The chats that were queued are still queued, in their order, and are answered once an agent comes.
     assert [stored(live_server, q)["status"] for q in queued] == ["queued"] * 3
@@ -171,16 +178,17 @@ def test_server_killed_mid_answer_and_restarted_on_its_database_loses_duplicates
 
 # --- a flaky network ------------------------------------------------------------------
 
+@pytest.mark.parametrize("transport", ["http", "ws"])
 def test_a_network_resetting_one_exchange_in_ten_between_agents_and_server_loses_and_duplicates_nothing(
-        live_server_factory, simulator, start_agent):
+        live_server_factory, simulator, start_agent, transport):
     # A poll whose reply was lost hands out a job nobody acknowledges: a short delivery lease requeues it,
     # and each loss costs an attempt: more than 3 keeps the attempt cap out of this test.
     server = live_server_factory(ORCH_DELIVERY_LEASE_SECONDS=2, ORCH_SWEEP_INTERVAL=0.2, ORCH_MAX_ATTEMPTS=10)
     tokens, count = 40, 16
     with FlakyProxy(server.url, reset_rate=0.1, seed=7).start() as proxy:
         for name in ("one", "two"):
-            start_agent(server, simulator.url, name, API_BASE=proxy.url, MAX_JOBS=4)
-        # Tokens 20 ms apart go out about one a POST: hundreds of POSTs, so resets surely hit both sides of a commit.
+            start_agent(server, simulator.url, name, API_BASE=proxy.url, MAX_JOBS=4, TRANSPORT=transport)
+        # Tokens 20 ms apart go out about one a POST (a frame): hundreds, so resets surely hit both sides of a commit.
         with ThreadPoolExecutor(count) as users:
             answers = list(users.map(lambda i: chat(server, f"flaky {i}", sim_tokens=tokens, sim_interval_ms=20),
                                      range(count)))
@@ -190,8 +198,13 @@ def test_a_network_resetting_one_exchange_in_ten_between_agents_and_server_loses
         assert answer.ids == list(range(tokens)) and answer.text == expected(f"flaky {i}", tokens), i
         record = stored(server, answer.request_id)
         assert record["status"] == "done" and record["text"].encode() == answer.text.encode(), i
-    # The network really did lose chunk POSTs the server had stored, and POSTs it never saw.
-    cut = Counter(r.fate for r in resets if r.request_line.startswith("POST /api/v1/inference/stream "))
+    if transport == "http":
+        # The network really did lose chunk POSTs the server had stored, and POSTs it never saw.
+        cut = Counter(r.fate for r in resets if r.request_line.startswith("POST /api/v1/inference/stream "))
+    else:
+        # Sockets were reset mid-answer (an exchange is the frames sent until the server's next frame), after
+        # frames the server stored and before frames it saw: the agents reconnected and resent what was unacked.
+        cut = Counter(r.fate for r in resets if not r.request_line.startswith("GET /api/v1/agents/connect "))
     assert cut[Fate.AFTER_REQUEST] and cut[Fate.BEFORE_REQUEST], resets
 
 
@@ -201,7 +214,7 @@ def test_a_job_handed_back_to_the_agent_still_running_it_is_not_run_twice(live_s
     # outlasts the acknowledgement's retry back-off (2 s at most), so that run gets through once the network is back.
     server = live_server_factory(ORCH_DELIVERY_LEASE_SECONDS=4, ORCH_SWEEP_INTERVAL=0.2, ORCH_MAX_ATTEMPTS=10)
     with FlakyProxy(server.url, reset_rate=0).start() as proxy:
-        agent = start_agent(server, simulator.url, API_BASE=proxy.url, MAX_JOBS=2)
+        agent = start_agent(server, simulator.url, API_BASE=proxy.url, MAX_JOBS=2, TRANSPORT="http")
         proxy.refuse("POST /api/v1/inference/stream ")
         with start_chat(server, "only once") as response:
             wait_until(lambda: rows(server, "SELECT attempts FROM jobs") == [(2,)], 20,

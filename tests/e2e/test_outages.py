@@ -32,7 +32,8 @@ def test_a_server_down_longer_than_the_lease_gives_its_healthy_agents_job_a_full
     server = live_server_factory(ORCH_LEASE_SECONDS=LEASE, ORCH_SWEEP_INTERVAL=0.1, ORCH_CANCEL_GRACE=120)
     tokens = 150
     with FlakyProxy(server.url, reset_rate=0).start() as proxy:
-        agent = start_agent(server, simulator.url, API_BASE=proxy.url)
+        # TRANSPORT=http: these outages are checked on the POSTs' path (test_faults.py runs both transports).
+        agent = start_agent(server, simulator.url, API_BASE=proxy.url, TRANSPORT="http")
         with start_chat(server, "outage", sim_tokens=tokens, sim_interval_ms=40) as response:
             before = EventStream(response).read(stop_after=5)
             server.kill()
@@ -89,7 +90,7 @@ class Keepalives:
 def test_a_database_locked_by_another_process_keeps_streams_alive_and_answers_503_not_500(
         live_server_factory, simulator, start_agent, tmp_path):
     server = live_server_factory(ORCH_KEEPALIVE_SECONDS=KEEPALIVE, ORCH_QUEUE_TIMEOUT=300)
-    start_agent(server, simulator.url)                  # short polls: a write ten times a second
+    start_agent(server, simulator.url, TRANSPORT="http")      # short polls: a write ten times a second
     stand_in_agent(server, "other")
     creds = server.add_agent("poller")
     keepalives = Keepalives()
@@ -156,7 +157,7 @@ def fill(disk: Path) -> Path:
 def test_a_full_disk_is_named_by_healthz_ends_streams_with_storage_unavailable_and_recovers(
         live_server_factory, simulator, start_agent, small_disk):
     server = live_server_factory(small_disk / "server.db", ORCH_SWEEP_INTERVAL=0.2, ORCH_CANCEL_GRACE=120)
-    start_agent(server, simulator.url)
+    start_agent(server, simulator.url, TRANSPORT="http")
     tokens = 400
     with start_chat(server, "a full disk", sim_tokens=tokens, sim_interval_ms=25) as response:
         events = EventStream(response)

@@ -13,7 +13,7 @@ import requests
 
 from devtools.nginx import Nginx, NginxUnavailable, nginx_binary
 from devtools.postgres import Cluster, PostgresUnavailable
-from devtools.processes import ROOT, LiveServer, launch_agent, start_simulator, wait_until
+from devtools.processes import ROOT, LiveServer, start_simulator, wait_until
 from tests.e2e.chat_client import Answer, EventStream, chat, expected, resume, start_chat
 from tests.signed import sign
 
@@ -144,10 +144,10 @@ def test_queries_blocked_in_postgresql_do_not_stall_the_gevent_worker(hosts, pg_
 
 # --- many workers, many hosts ---------------------------------------------------------------------
 
-def test_two_workers_wake_each_other_through_postgresql(hosts, pg_url, sim, tmp_path):
+def test_two_workers_wake_each_other_through_postgresql(hosts, pg_url, sim, tmp_path, start_agent):
     """A long poll parked in one worker takes chats queued in the other, and streams read chunks posted there."""
     (host,) = hosts(pg_url, ("host",), ORCH_WORKERS="2")
-    launch_agent(host, sim.url, tmp_path / "agent.log", "agent", LONG_POLL=30, MAX_JOBS=2)
+    start_agent(host, sim.url, "agent", LONG_POLL=30, MAX_JOBS=2)
     answers: list[Answer] = []
 
     def ask(n: int) -> None:
@@ -164,9 +164,10 @@ def test_two_workers_wake_each_other_through_postgresql(hosts, pg_url, sim, tmp_
     assert all(a.done and a.ids == list(range(len(a.ids))) for a in answers)
 
 
-def test_the_agent_on_one_host_and_the_user_on_another_then_resuming_on_the_first(hosts, pg_url, sim, tmp_path):
+def test_the_agent_on_one_host_and_the_user_on_another_then_resuming_on_the_first(
+        hosts, pg_url, sim, tmp_path, start_agent):
     host_a, host_b = hosts(pg_url)
-    launch_agent(host_a, sim.url, tmp_path / "agent.log", "agent", LONG_POLL=30)
+    start_agent(host_a, sim.url, "agent", LONG_POLL=30)
     with start_chat(host_b, "across hosts", **SLOW) as response:
         answer = EventStream(response).read(stop_after=10)
     assert answer.ids == list(range(10)) and not answer.done
@@ -175,10 +176,39 @@ def test_the_agent_on_one_host_and_the_user_on_another_then_resuming_on_the_firs
     assert resumed.ids == list(range(60))
 
 
-def test_a_host_killed_mid_stream_behind_nginx_loses_and_duplicates_nothing(hosts, front, pg_url, sim, tmp_path):
+def test_an_agent_socket_on_one_host_serves_users_of_another_and_their_cancels_cross_too(
+        hosts, pg_url, sim, tmp_path, start_agent):
+    """A job queued on host B reaches the agent's socket on host A at once, and so does its cancel."""
+    host_a, host_b = hosts(pg_url, ORCH_CANCEL_GRACE="0")
+    agent = start_agent(host_a, sim.url, "agent", TRANSPORT="ws")
+    answer = chat(host_b, "across hosts")
+    assert answer.done and answer.text == expected("across hosts", 30)
+    with start_chat(host_b, "stop me", sim_first_token_ms=60_000, sim_tag="stopped") as response:
+        job_id = response.headers["X-Request-Id"]
+        wait_until(lambda: [r for r in sim.records() if r.get("tag") == "stopped"], 15, message="Ollama's request")
+        assert requests.delete(f"{host_b.url}/api/v1/chat/{job_id}", timeout=10).status_code == 200
+        req = next(r["req"] for r in sim.records() if r.get("tag") == "stopped")
+        # No frame from the agent while Ollama "thinks": only the cancel pushed from host A can stop it.
+        ended = wait_until(lambda: [r for r in sim.records() if r["req"] == req and r["event"] != "start"], 15,
+                           message="the agent closing its Ollama stream")
+    assert ended[0]["event"] == "client_gone"
+    assert "over a WebSocket" in agent.log() and "Traceback" not in agent.log()
+
+
+def test_an_agent_socket_through_nginx_is_upgraded_and_serves(hosts, front, pg_url, sim, tmp_path, start_agent):
+    host_a, host_b = hosts(pg_url)
+    nginx = front([host_a, host_b])
+    agent = start_agent(host_a, sim.url, "agent", api_base=nginx.url)   # TRANSPORT=auto
+    answer = chat(nginx, "through nginx")
+    assert answer.done and answer.text == expected("through nginx", 30)
+    assert "over a WebSocket" in agent.log() and "refused" not in agent.log()
+
+
+def test_a_host_killed_mid_stream_behind_nginx_loses_and_duplicates_nothing(
+        hosts, front, pg_url, sim, tmp_path, start_agent):
     host_a, host_b = hosts(pg_url, **FAST_LEASES)
     nginx = front([host_a, host_b])
-    agent = launch_agent(host_b, sim.url, tmp_path / "agent.log", "agent", api_base=nginx.url, LONG_POLL=10)
+    agent = start_agent(host_b, sim.url, "agent", api_base=nginx.url, LONG_POLL=10)
     with start_chat(host_a, "survive a host", **SLOW) as response:
         answer = EventStream(response).read(stop_after=10)
         host_a.kill()                                   # the user's host, and half of the agent's
@@ -192,9 +222,9 @@ def test_a_host_killed_mid_stream_behind_nginx_loses_and_duplicates_nothing(host
 
 # --- PostgreSQL going away ------------------------------------------------------------------------
 
-def test_a_postgresql_restart_mid_stream_loses_and_duplicates_nothing(hosts, own_cluster, sim, tmp_path):
+def test_a_postgresql_restart_mid_stream_loses_and_duplicates_nothing(hosts, own_cluster, sim, tmp_path, start_agent):
     (host,) = hosts(own_cluster.create_database(), ("host",))
-    launch_agent(host, sim.url, tmp_path / "agent.log", "agent", LONG_POLL=10)
+    start_agent(host, sim.url, "agent", LONG_POLL=10)
     with start_chat(host, "through a restart", **SLOW) as response:
         stream = EventStream(response)
         answer = stream.read(stop_after=10)

@@ -125,7 +125,7 @@ def test_healthz_is_503_when_the_database_cannot_be_opened(app, client, tmp_path
 def test_counters_move_as_a_chat_streams(tmp_path):
     server = LiveServer(tmp_path / "server.db", tmp_path / "server.log").start()
     sim = start_simulator(tmp_path, "--first-token-ms", "20", "--interval-ms", "5", "--tokens", "30")
-    agent = launch_agent(server, sim.url, tmp_path / "agent.log", "metrics", LONG_POLL="5")
+    agent = launch_agent(server, sim.url, tmp_path / "agent.log", "metrics", LONG_POLL="5", TRANSPORT="http")
     try:
         before = scrape(server)
         tokens = 80

@@ -111,6 +111,11 @@ def test_two_migrations_with_one_number_are_refused(tmp_path):
         available(tmp_path)
 
 
+def test_shipped_migrations_are_numbered_without_gaps(store):
+    numbers = [m.number for m in available(store.migrations_dir)]
+    assert numbers == list(range(1, len(numbers) + 1))
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "postgres"])
 def test_processes_migrating_one_new_database_at_once_apply_each_migration_once(engine, tmp_path, request):
     # Several hosts (or gunicorn workers) starting together on a fresh database each migrate it at start.
