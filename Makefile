@@ -14,10 +14,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Most tests wait on real subprocesses rather than compute: four xdist workers on two cores, and work
+# stealing so the few 20-40 s tests do not finish last, took the suite from 6:42 to 3:44 here.
 test: $(STAMP)
 	bash .ci/install-browser
 	bash .ci/install-services
-	$(PY) -m pytest -q -n auto $(ARGS)
+	$(PY) -m pytest -q -n 4 --dist worksteal $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check server agent protocol sim devtools tests bench
