@@ -1,0 +1,56 @@
+"""Wake-ups between two processes' storages on one PostgreSQL database (server/storage/postgres.py).
+
+Each storage stands for one server process: its own origin, notifier and listening connection.  A
+transaction's keys travel with its COMMIT; these tests check they arrive whole, however odd the text of a
+key (a queue key carries the client's model name), and never for a transaction that did not commit.
+"""
+from __future__ import annotations
+
+import pytest
+
+from devtools.processes import wait_until
+from server.notifier import Notifier, job_key, queue_key
+from server.storage import jobs, migrated, open_storage
+
+pytestmark = pytest.mark.engines("postgres")
+
+ODD_MODELS = ["it's", "back\\slash", "quote'';--", "ünï ☃ 模型", "%s %(x)s $1", "two  spaces"]
+
+
+@pytest.fixture
+def two_processes(database_url):
+    with migrated(database_url):
+        pass
+    writer, reader = open_storage(database_url, Notifier()), open_storage(database_url, Notifier())
+    reader.start_listening(give_up_after=30)
+    wait_until(reader.listener.connected.is_set, 10, message="the reader's LISTEN connection")
+    yield writer, reader
+    writer.close()
+    reader.close()
+
+
+def test_a_committed_jobs_queue_key_reaches_the_other_process_whatever_its_model_name(two_processes):
+    writer, reader = two_processes
+    for model in ODD_MODELS:
+        key = queue_key(model)
+        before = reader.notifier.version(key)
+        with writer.connection() as conn, conn.transaction():
+            job_id = jobs.create_job(conn, model, [{"role": "user", "content": "hi"}], {}, 1.0)
+        wait_until(lambda key=key, before=before: reader.notifier.version(key) > before, 10,
+                   message=f"the wake-up for {model!r}")
+        with reader.connection() as conn:
+            assert jobs.get_job(conn, job_id)["model"] == model      # visible when woken
+
+
+def test_a_rolled_back_transaction_wakes_nobody_and_leaves_nothing_for_the_next_one(two_processes):
+    writer, reader = two_processes
+    lost, kept = job_key("rolled-back"), job_key("committed")
+    with writer.connection() as conn:
+        with pytest.raises(RuntimeError), conn.transaction():
+            conn.notify(lost)
+            raise RuntimeError("the write failed")
+        with conn.transaction():
+            conn.notify(kept)
+    wait_until(lambda: reader.notifier.version(kept) == 1, 10, message="the committed transaction's wake-up")
+    assert reader.notifier.version(lost) == 0
+    assert writer.notifier.version(lost) == 0 and writer.notifier.version(kept) == 1
