@@ -93,7 +93,9 @@ class Stack:
             self.cluster = Cluster.create()
             database = self.cluster.create_database()
         env = {"ORCH_WORKERS": str(self.setup.workers), "ORCH_LOG_LEVEL": "WARNING", "ORCH_ACCESS_LOG": "",
-               "ORCH_QUEUE_TIMEOUT": "600"}
+               "ORCH_QUEUE_TIMEOUT": "600",
+               # Every user is the generator's one address: the per-client limit would refuse chats past 200.
+               "ORCH_MAX_STREAMS_PER_CLIENT": "100000"}
         self.hosts = [LiveServer(database, self.workdir / f"host-{i}.log", env, name=f"host-{i}").launch()
                       for i in range(self.setup.hosts)]
         for host in self.hosts:
