@@ -7,6 +7,7 @@ announce it with ``conn.notify``: the wake-up goes out when the write commits.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
@@ -16,6 +17,10 @@ from protocol.models import CHAT, canonical_model
 
 from ..notifier import ANY_MODEL_KEY, cancel_key, job_key, queue_key
 from .base import Connection
+
+# A claim that found its job locked by another transaction tries again this many times, this far apart.
+CLAIM_ATTEMPTS = 10
+CLAIM_RETRY_SECONDS = 0.01
 
 
 class Status(StrEnum):
@@ -102,13 +107,22 @@ def claim_job(conn: Connection, agent_id: str, models: list[str] | None, now: fl
         params += names
     # One UPDATE ... RETURNING statement: two pollers can never claim the same row (on SQLite the write
     # lock covers the statement; elsewhere the row lock is taken and contended rows are skipped).
-    row = conn.execute(
-        f"""UPDATE jobs SET status = 'delivered', agent_id = ?, attempts = attempts + 1,
-                assigned_at = ?, lease_expires = ?
-            WHERE id = (SELECT id FROM jobs WHERE {where} ORDER BY created_at, rowid LIMIT 1{conn.skip_locked})
-              AND status = 'queued'
-            RETURNING id, model, messages, options, kind, request""",
-        [agent_id, now, now + delivery_lease, *params]).fetchone()
+    for _ in range(CLAIM_ATTEMPTS):
+        row = conn.execute(
+            f"""UPDATE jobs SET status = 'delivered', agent_id = ?, attempts = attempts + 1,
+                    assigned_at = ?, lease_expires = ?
+                WHERE id = (SELECT id FROM jobs WHERE {where} ORDER BY created_at, rowid LIMIT 1{conn.skip_locked})
+                  AND status = 'queued'
+                RETURNING id, model, messages, options, kind, request""",
+            [agent_id, now, now + delivery_lease, *params]).fetchone()
+        if row is not None or not conn.skip_locked:
+            break
+        # SKIP LOCKED passes over a queued job that another transaction holds a row lock on for a moment
+        # (a cancel, another claimer). Nobody announces that job again: unless it is gone (claimed,
+        # cancelled), look again shortly instead of leaving it to the next poll or ping, seconds away.
+        if conn.execute(f"SELECT 1 FROM jobs WHERE {where} LIMIT 1", params).fetchone() is None:
+            break
+        time.sleep(CLAIM_RETRY_SECONDS)     # gevent's sleep once patched: only this claim waits
     if row is None:
         return None
     conn.notify(job_key(row[0]))
@@ -184,4 +198,9 @@ def close_cancelled(conn: Connection, job_id: str, now: float) -> bool:
 
 def set_client_left(conn: Connection, job_id: str, left_at: float | None) -> None:
     """Record when the last stream client left (None: a client is back)."""
-    conn.execute("UPDATE jobs SET client_left_at = ? WHERE id = ?", (left_at, job_id))
+    if left_at is None:
+        # Only a job someone left is written: every new chat's stream comes here the moment its job is
+        # queued, and on PostgreSQL the row lock of a needless write made a claim skip the job (SKIP LOCKED).
+        conn.execute("UPDATE jobs SET client_left_at = NULL WHERE id = ? AND client_left_at IS NOT NULL", (job_id,))
+    else:
+        conn.execute("UPDATE jobs SET client_left_at = ? WHERE id = ?", (left_at, job_id))

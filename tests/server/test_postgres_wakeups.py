@@ -2,15 +2,18 @@
 
 Each storage stands for one server process: its own origin, notifier and listening connection.  A
 transaction's keys travel with its COMMIT; these tests check they arrive whole, however odd the text of a
-key (a queue key carries the client's model name), and never for a transaction that did not commit.
+key (a queue key carries the client's model name), and never for a transaction that did not commit; and
+that a claim does not pass over a job announced to it because another write held its row for a moment.
 """
 from __future__ import annotations
+
+import threading
 
 import pytest
 
 from devtools.processes import wait_until
 from server.notifier import Notifier, job_key, queue_key
-from server.storage import jobs, migrated, open_storage
+from server.storage import agents, jobs, migrated, open_storage
 
 pytestmark = pytest.mark.engines("postgres")
 
@@ -54,3 +57,31 @@ def test_a_rolled_back_transaction_wakes_nobody_and_leaves_nothing_for_the_next_
     wait_until(lambda: reader.notifier.version(kept) == 1, 10, message="the committed transaction's wake-up")
     assert reader.notifier.version(lost) == 0
     assert writer.notifier.version(lost) == 0 and writer.notifier.version(kept) == 1
+
+
+def test_a_claim_takes_a_queued_job_another_transaction_holds_a_lock_on_for_a_moment(two_processes):
+    """SKIP LOCKED passed over a job whose row another write held (a new chat's stream once did, at once):
+    the job waited for the agent's next poll or ping, 20 s for a WebSocket agent.  Now the claim looks again."""
+    storage, _ = two_processes
+    with storage.connection() as conn, conn.transaction():
+        agent = agents.add_agent(conn, "gpu-1")
+        job_id = jobs.create_job(conn, "llama", [{"role": "user", "content": "hi"}], {}, 1.0)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:
+        with storage.connection() as conn, conn.transaction():
+            jobs.set_client_left(conn, job_id, 2.0)
+            locked.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        threading.Timer(0.03, release.set).start()          # a short write: it commits within the claim's retries
+        with storage.connection() as conn, conn.transaction():
+            job = jobs.claim_job(conn, agent.id, ["llama"], 3.0, 5.0, 30.0)
+    finally:
+        release.set()
+        holder.join()
+    assert job is not None and job.id == job_id
