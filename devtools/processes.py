@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import random
 import selectors
 import signal
 import socket
@@ -62,9 +63,24 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: fl
         time.sleep(interval)
 
 
+# Below Linux's default ephemeral range (32768-60999).  A port the kernel picks comes from that range, and
+# between our check and the server's bind another process's outgoing connection took one ("Address already
+# in use", a test of make test failing once under four parallel workers): outgoing connections never take
+# ports from here.
+_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now (the kernel's pick)."""
-    with socket.socket() as s:
+    """A TCP port nothing listens on right now, outside the range outgoing connections take theirs from."""
+    for _ in range(100):
+        port = random.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:      # every try taken: fall back to the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

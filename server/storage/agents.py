@@ -153,9 +153,14 @@ def touch(conn: Connection, agent_id: str, now: float, models: list[str] | None 
 
 
 def store_report(conn: Connection, agent_id: str, report: dict[str, Any], now: float) -> None:
-    """Keep what the agent's Ollama says of its models (protocol/models.py), and count it as a sign of life."""
-    conn.execute("UPDATE agents SET report = ?, reported_at = ?, last_seen = ? WHERE id = ?",
-                 (json.dumps(report, ensure_ascii=False), now, now, agent_id))
+    """Keep what the agent's Ollama says of its models (protocol/models.py).
+
+    Not a sign of life: an agent reports before its first poll or announce, and online with no models
+    declared yet it would have read as serving any model (``make run`` once printed a curl line for a
+    model nobody served).  Its polls, announces and POSTs keep it online.
+    """
+    conn.execute("UPDATE agents SET report = ?, reported_at = ? WHERE id = ?",
+                 (json.dumps(report, ensure_ascii=False), now, agent_id))
 
 
 def reports(conn: Connection, now: float, window: float) -> list[dict[str, Any]]:

@@ -100,3 +100,14 @@ def test_an_agent_silent_past_the_online_window_is_offline(client, dbconn, agent
     agents.touch(dbconn, agent_creds.id, time.time() - 3600, ["llama"])
     assert state(client, agent_creds.id) == "offline"
     assert offered(client)["models"] == []
+
+
+def test_a_model_report_before_the_first_poll_offers_nothing_and_serves_no_model(client, agent_creds):
+    """An agent reports its Ollama's models before it polls; online with no models declared yet it read as
+    serving any model, so a chat for a model nobody serves was queued (and `make run` printed one)."""
+    report = {"models": [{"name": "llama:latest", "size": 1}], "running": []}
+    assert agent_post(client, agent_creds, "/api/v1/inference/models", report).status_code == 200
+    assert offered(client) == {"models": [], "openai": [], "ollama": [], "status": []}
+    assert chat_status(client, "no-such-model") == 404
+    assert agent_get(client, agent_creds, POLL_PATH + "?models=llama").status_code == 204
+    assert offered(client)["models"] == ["llama:latest"]
