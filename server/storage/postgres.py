@@ -116,7 +116,7 @@ class PostgresConnection(Connection):
             return
         # The transaction's wake-ups go with its COMMIT, in one round trip: a multi-statement query (simple
         # protocol) takes no parameters, so the payloads (a key may hold a client's model name) are quoted
-        # by psycopg.  One round trip less per write measured ~8% of the server's CPU per token.
+        # by psycopg.  One round trip less per write: 3-5% less wall time and PostgreSQL CPU per chunk POST.
         notifies = ", ".join(sql.SQL("pg_notify({}, {})").format(sql.Literal(CHANNEL),
                                                                    sql.Literal(self._payload(key, wake)))
                              .as_string(self.raw) for key, wake in self._announced)
