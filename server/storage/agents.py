@@ -55,11 +55,13 @@ def remove_agent(conn: Connection, agent_id: str, now: float | None = None) -> b
     """
     now = now if now is not None else time.time()
     with conn.transaction():
+        if conn.execute("SELECT 1 FROM agents WHERE id = ? AND removed_at IS NULL", (agent_id,)).fetchone() is None:
+            return False
+        # The jobs' rows first, then the agent's: the order a chunk POST locks them in (append_chunks).
+        # The other order deadlocked against the agent's POST on PostgreSQL.
+        fail_revoked_jobs(conn, agent_id, now)
         cursor = conn.execute("UPDATE agents SET removed_at = ? WHERE id = ? AND removed_at IS NULL", (now, agent_id))
-        removed = cursor.rowcount > 0
-        if removed:
-            fail_revoked_jobs(conn, agent_id, now)
-    return removed
+    return cursor.rowcount > 0
 
 
 def fail_revoked_jobs(conn: Connection, agent_id: str, now: float) -> list[str]:

@@ -57,7 +57,10 @@ def _unavailable(exc: Exception, health: StorageHealth | None = None) -> Storage
     """A StorageError for ``exc``; the connection lost, the disk full and the like mark ``health`` failing."""
     # libpq's messages run over several lines (a hint on the second): one line, for logs and the CLI.
     reason = "PostgreSQL: " + " ".join(str(exc).split())
-    if health is not None and isinstance(exc, psycopg.OperationalError):
+    # SQLSTATE class 40 (a deadlock, a serialization failure) is one transaction losing a race, not the
+    # database failing: streams must not end with storage_unavailable for it.
+    lost_a_race = (getattr(exc, "sqlstate", None) or "").startswith("40")
+    if health is not None and isinstance(exc, psycopg.OperationalError) and not lost_a_race:
         health.failed(reason)
     return StorageError(reason)
 

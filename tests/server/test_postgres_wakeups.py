@@ -3,7 +3,8 @@
 Each storage stands for one server process: its own origin, notifier and listening connection.  A
 transaction's keys travel with its COMMIT; these tests check they arrive whole, however odd the text of a
 key (a queue key carries the client's model name), and never for a transaction that did not commit; and
-that a claim does not pass over a job announced to it because another write held its row for a moment.
+that a claim does not pass over a job announced to it because another write held its row for a moment,
+and that writers take rows in one order (no deadlock).
 """
 from __future__ import annotations
 
@@ -85,3 +86,53 @@ def test_a_claim_takes_a_queued_job_another_transaction_holds_a_lock_on_for_a_mo
         release.set()
         holder.join()
     assert job is not None and job.id == job_id
+
+
+def test_removing_an_agent_while_its_chunk_post_holds_the_job_finishes_both_without_a_deadlock(two_processes):
+    """`orchestrator agents remove` locked the agent's row, then its jobs'; a chunk POST locks the job's row,
+    then the agent's: PostgreSQL broke the deadlock by failing the removal (a test of make test, once)."""
+    storage, _ = two_processes
+    with storage.connection() as conn, conn.transaction():
+        agent = agents.add_agent(conn, "gpu-1")
+        job_id = jobs.create_job(conn, "llama", [{"role": "user", "content": "hi"}], {}, 1.0)
+    with storage.connection() as conn, conn.transaction():
+        assert jobs.claim_job(conn, agent.id, ["llama"], 2.0, 5.0, 30.0).id == job_id
+    job_locked, go_on, errors = threading.Event(), threading.Event(), []
+
+    def chunk_post() -> None:
+        # append_chunks' locking order, paused between its two locks.
+        try:
+            with storage.connection() as conn, conn.transaction():
+                conn.execute("SELECT status FROM jobs WHERE id = ? FOR UPDATE", (job_id,))
+                job_locked.set()
+                go_on.wait(10)
+                conn.execute("UPDATE agents SET last_seen = ? WHERE id = ?", (3.0, agent.id))
+        except Exception as exc:   # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    def remove() -> None:
+        try:
+            with storage.connection() as conn:
+                assert agents.remove_agent(conn, agent.id, 4.0)
+        except Exception as exc:   # noqa: BLE001
+            errors.append(exc)
+
+    def removal_waits_for_a_lock() -> bool:
+        with storage.connection() as conn:
+            return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]
+
+    poster, remover = threading.Thread(target=chunk_post), threading.Thread(target=remove)
+    poster.start()
+    try:
+        assert job_locked.wait(10)
+        remover.start()
+        wait_until(removal_waits_for_a_lock, 10, message="the removal waiting for the job's row")
+    finally:
+        go_on.set()
+        poster.join()
+        if remover.ident is not None:
+            remover.join()
+    assert errors == []
+    with storage.connection() as conn:
+        assert jobs.get_job(conn, job_id)["error_code"] == "agent_revoked"
+        assert agents.is_removed(conn, agent.id)
