@@ -131,8 +131,13 @@ def under_open_files_limit(nofile: int) -> list[str]:
 def worker_fds(server: LiveServer) -> list[str]:
     """What the gunicorn worker's file descriptors point at."""
     worker = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == server.pid)
-    return [os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")
-            if os.path.exists(f"/proc/{worker}/fd/{fd}")]
+    targets = []
+    for fd in os.listdir(f"/proc/{worker}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{worker}/fd/{fd}"))
+        except FileNotFoundError:
+            pass            # closed since the listing (a connection ending)
+    return targets
 
 
 def _parent(pid: int) -> int | None:
