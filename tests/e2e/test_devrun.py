@@ -52,7 +52,12 @@ def test_devrun_prints_a_curl_line_that_streams_an_answer_and_ctrl_c_stops_every
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
+            # After a failed assertion: Ctrl-C lets the launcher stop its children; SIGKILL alone orphaned them.
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     reader.join(10)
     log = "".join(output)
     assert "warm stop" in log and "Traceback" not in log
