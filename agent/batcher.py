@@ -88,6 +88,15 @@ class JobStream:
     def _stopped(self) -> bool:
         return self._closed or self._cancelled or self._failed is not None
 
+    def _accepts_token(self) -> bool:
+        """Whether ``add`` may take a token (called under the lock): not once the stream stopped; after
+        ``finish`` it is a bug in the caller."""
+        if self._stopped():
+            return False
+        if self._finish is not None:
+            raise RuntimeError(f"job {self.job_id}: add() after finish()")
+        return True
+
     def _drop_in_flight(self) -> None:
         """Forget what is on the wire (called under the lock)."""
 
@@ -184,10 +193,8 @@ class TokenBatcher(JobStream):
     def add(self, token: str | dict) -> None:
         """Buffer one token for the sender thread; never waits for the network."""
         with self._cond:
-            if self._stopped():
+            if not self._accepts_token():
                 return
-            if self._finish is not None:
-                raise RuntimeError(f"job {self.job_id}: add() after finish()")
             buffered = len(self._pending) - (len(self._in_flight.chunks) if self._in_flight is not None else 0)
             self._pending.append(token)
             if buffered == 0:

@@ -72,10 +72,8 @@ class SocketPoster(JobStream):
     def add(self, token: str | dict) -> None:
         """Send `token` now, or with the next frame if one of this job's is being written or the window is full."""
         with self._cond:
-            if self._stopped():
+            if not self._accepts_token():
                 return
-            if self._finish is not None:
-                raise RuntimeError(f"job {self.job_id}: add() after finish()")
             self._pending.append(token)
         self.flush()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
@@ -84,3 +85,9 @@ def start_chat(server: LiveServer | Nginx, content: str, model: str = "sim", **o
 def chat(server: LiveServer | Nginx, content: str, model: str = "sim", **options) -> Answer:
     with start_chat(server, content, model, **options) as response:
         return EventStream(response).read()
+
+
+def chats_at_once(server: LiveServer | Nginx, contents: list[str], model: str = "sim", **options) -> list[Answer]:
+    """One chat per content, all sent at once; their answers, in the order of ``contents``."""
+    with ThreadPoolExecutor(len(contents)) as pool:
+        return list(pool.map(lambda content: chat(server, content, model, **options), contents))

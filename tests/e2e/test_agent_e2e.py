@@ -12,7 +12,7 @@ import requests
 from devtools.processes import ROOT, LiveServer, agent_environment, launch_agent, start_simulator, wait_until
 from server.storage import migrated
 from server.storage.agents import AgentCredentials, list_agents
-from tests.e2e.chat_client import Answer, EventStream, chat, expected, start_chat
+from tests.e2e.chat_client import EventStream, chat, chats_at_once, expected, start_chat
 
 # --- one server, simulator and agent shared by the module's simple cases -------
 
@@ -112,14 +112,7 @@ def test_two_agents_with_two_slots_serve_ten_concurrent_chats_then_stop_from_a_l
     server, sim, _ = stack
     start_agent(server, sim.url, "one", MODELS="other", MAX_JOBS=2, BATCH_MODE="adaptive")
     two = start_agent(server, sim.url, "two", MODELS="other", MAX_JOBS=2, LONG_POLL=30, TRANSPORT="http")
-    answers: dict[int, Answer] = {}
-    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, chat(server, f"question {i}", "other",
-                                                                                sim_interval_ms=10)))
-               for i in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    answers = chats_at_once(server, [f"question {i}" for i in range(10)], "other", sim_interval_ms=10)
     for i in range(10):
         assert answers[i].done and answers[i].text == expected(f"question {i}", 30, "other"), i
     with migrated(server.database) as conn:

@@ -10,7 +10,6 @@ import json
 import re
 import signal
 import socket
-import threading
 import time
 
 import pytest
@@ -25,7 +24,7 @@ from protocol.signing import signed_headers
 from protocol.wire import CONNECT_PATH
 from server.storage import agents, migrated
 from server.storage.agents import AgentCredentials
-from tests.e2e.chat_client import EventStream, chat, expected, start_chat
+from tests.e2e.chat_client import EventStream, chat, chats_at_once, expected, start_chat
 from tests.e2e.flaky_proxy import FlakyProxy
 from tests.stack import stored_rows
 
@@ -359,14 +358,7 @@ def test_a_dead_agent_is_found_by_its_missed_pong_and_gets_no_more_jobs(live_ser
 
 def test_jobs_running_on_several_slots_of_one_socket_stream_at_once(server, simulator, start_agent):
     start_agent(server, simulator.url, TRANSPORT="ws", MAX_JOBS=4)
-    answers = {}
-    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, chat(server, f"in parallel {i}",
-                                                                             sim_interval_ms=10)))
-               for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    answers = chats_at_once(server, [f"in parallel {i}" for i in range(8)], sim_interval_ms=10)
     assert [answers[i].text for i in range(8)] == [expected(f"in parallel {i}", 30) for i in range(8)]
     assert metric(server, 'orchestrator_agent_socket_frames_total{direction="out",type="job"}') == 8
 
